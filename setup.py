@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="skmsif",
+    version="0.1.0",
+    description=(
+        "Multi-stage influence functions for pretrained-then-finetuned PyTorch models, "
+        "with a scikit-learn API"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["skmsif", "skmsif.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.23",
+        "scipy>=1.12",
+        "scikit-learn>=1.3",
+        "torch>=2.1",
+        "joblib>=1.2",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "examples": ["matplotlib>=3.5"],
+        "test": ["pytest>=7", "matplotlib>=3.5"],
+    },
+    license="BSD-3-Clause",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,105 @@
+"""Derivatives of the model-as-a-function objective against independent computations."""
+
+import copy
+
+import pytest
+import torch
+from _models import tiny_problem
+from torch.autograd.functional import hessian as autograd_hessian
+
+from skmsif._curvature import JVP_MAX_VECTORS, Objective
+from skmsif._data import as_data
+from skmsif._estimator import _state
+from skmsif._losses import cross_entropy
+from skmsif._params import flatten
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def objective_and_data():
+    pretrain_model, _, Z, _, _ = tiny_problem(seed=1)
+    module = copy.deepcopy(pretrain_model).eval()
+    state = _state(module, torch.float64, CPU)
+    names = [name for name, _ in module.named_parameters()]
+    objective = Objective(module, state, names, cross_entropy, "pretrain_loss")
+    return objective, as_data(Z, "Z", torch.float64), pretrain_model
+
+
+def _mean_loss_function(model, data):
+    """The mean loss as a function of one flat vector, written with plain autograd."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def mean_loss(flat):
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            size = shape.numel()
+            params[name] = flat[start:start + size].reshape(shape)
+            start += size
+        outputs = torch.func.functional_call(model, params, (data.inputs,))
+        return torch.nn.functional.cross_entropy(outputs, data.targets)
+
+    point = flatten([p.detach() for p in model.parameters()])
+    return mean_loss, point
+
+
+def test_hvp_matches_finite_differences_of_gradients(objective_and_data):
+    objective, data, model = objective_and_data
+    mean_loss, point = _mean_loss_function(model, data)
+    gen = torch.Generator().manual_seed(3)
+    vectors = torch.randn(3, objective.n_params, generator=gen, dtype=torch.float64)
+    hvps = objective.hvp(vectors, data, batch_size=7, device=CPU)
+    step = 1e-5
+    for vector, hvp in zip(vectors, hvps):
+        plus = torch.func.grad(mean_loss)(point + step * vector)
+        minus = torch.func.grad(mean_loss)(point - step * vector)
+        finite_difference = (plus - minus) / (2 * step)
+        error = (hvp - finite_difference).norm() / finite_difference.norm()
+        assert error < 1e-7
+
+
+def test_dense_hessian_matches_autograd_and_batch_size(objective_and_data):
+    objective, data, model = objective_and_data
+    mean_loss, point = _mean_loss_function(model, data)
+    reference = autograd_hessian(mean_loss, point)
+    for batch_size in (1, 6, 100):
+        dense = objective.dense_hessian(data, batch_size, CPU, chunk=5)
+        assert torch.allclose(dense, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_on_a_subsample_uses_only_those_examples(objective_and_data):
+    objective, data, model = objective_and_data
+    indices = torch.tensor([0, 3, 4, 11])
+    sub = as_data((data.inputs[indices], data.targets[indices]), "Z", torch.float64)
+    mean_loss, point = _mean_loss_function(model, sub)
+    dense = objective.dense_hessian(data, 3, CPU, indices=indices)
+    assert torch.allclose(dense, autograd_hessian(mean_loss, point), rtol=1e-10,
+                          atol=1e-12)
+
+
+def test_per_example_gradients_match_a_loop(objective_and_data):
+    objective, data, model = objective_and_data
+    rows = objective.gradient_rows(data, 6, CPU, summed=False)
+    for i in (0, 7, 19):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(data.inputs[i:i + 1]),
+                                                 data.targets[i:i + 1])
+        expected = torch.autograd.grad(loss, list(model.parameters()))
+        assert torch.allclose(rows[i], flatten(expected), rtol=1e-12, atol=1e-14)
+    summed = objective.gradient_rows(data, 6, CPU, summed=True)
+    assert torch.allclose(summed[0], rows.sum(0), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("n_vectors", [1, JVP_MAX_VECTORS + 3])
+def test_directional_derivatives_equal_per_example_gradients(objective_and_data,
+                                                             n_vectors):
+    """The forward-mode pass and the per-example-gradient path give the same scores."""
+    objective, data, _ = objective_and_data
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.randn(n_vectors, objective.n_params, generator=gen,
+                          dtype=torch.float64)
+    expected = vectors @ objective.gradient_rows(data, 4, CPU, summed=False).T
+    for batch_size in (3, 50):
+        got = objective.directional(vectors, data, batch_size, CPU)
+        assert torch.allclose(got, expected, rtol=1e-11, atol=1e-13)

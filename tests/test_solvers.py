@@ -1,0 +1,86 @@
+"""Every solver against a dense solve, on positive definite and indefinite matrices."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from skmsif._solvers import ExactSolver, IdentitySolver, IterativeSolver
+
+
+def _symmetric(p, eigenvalues, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=gen, dtype=torch.float64))
+    return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def _problem(indefinite, seed=0, p=12):
+    rng = np.random.default_rng(seed)
+    eigenvalues = rng.uniform(0.5, 3.0, p)
+    if indefinite:
+        eigenvalues[:4] *= -1
+    matrix = _symmetric(p, eigenvalues, seed)
+    shift = torch.full((p,), 0.1, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rhs = torch.randn(3, p, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(matrix + torch.diag(shift), rhs.T).T
+    return matrix, shift, rhs, expected
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_exact_solver(indefinite):
+    matrix, shift, rhs, expected = _problem(indefinite)
+    solver = ExactSolver(matrix, shift, "test", "damping")
+    assert (solver.eigenvalues_.min() < 0) == indefinite
+    assert _relative(solver.solve(rhs), expected) < 1e-12
+
+
+@pytest.mark.parametrize("method,indefinite", [
+    ("minres", False), ("minres", True), ("cg_normal", False), ("cg_normal", True),
+    ("cg", False),
+])
+def test_iterative_solver(method, indefinite):
+    matrix, shift, rhs, expected = _problem(indefinite)
+    solver = IterativeSolver(lambda v: v @ matrix, shift, method, tol=1e-12, max_iter=500,
+                             name="test")
+    assert _relative(solver.solve(rhs), expected) < 1e-8
+    assert len(solver.history_) == 3
+    assert all(entry["converged"] and entry["residual"] < 1e-8
+               for entry in solver.history_)
+
+
+def test_iterative_solver_warns_when_it_stops_short():
+    matrix, shift, rhs, _ = _problem(True)
+    solver = IterativeSolver(lambda v: v @ matrix, shift, "minres", tol=1e-12, max_iter=2,
+                             name="pretrain")
+    with pytest.warns(ConvergenceWarning, match="pretrain.*2 iterations"):
+        solver.solve(rhs[:1])
+    assert solver.history_[0]["n_iter"] == 2
+    assert not solver.history_[0]["converged"]
+    assert solver.history_[0]["residual"] > 1e-3
+
+
+def test_zero_right_hand_side_is_solved_without_iterating():
+    matrix, shift, _, _ = _problem(False)
+    solver = IterativeSolver(lambda v: v @ matrix, shift, "minres", 1e-10, 50, "test")
+    assert torch.equal(solver.solve(torch.zeros(1, 12, dtype=torch.float64)),
+                       torch.zeros(1, 12, dtype=torch.float64))
+
+
+def test_exact_solver_refuses_a_singular_matrix():
+    eigenvalues = np.linspace(1, 2, 6)
+    eigenvalues[0] = 0.0
+    matrix = _symmetric(6, eigenvalues, 0)
+    with pytest.raises(ValueError, match="singular.*increase pretrain_damping"):
+        ExactSolver(matrix, torch.zeros(6, dtype=torch.float64), "pretrain",
+                    "pretrain_damping")
+
+
+def test_identity_solver_returns_a_copy():
+    rhs = torch.ones(2, 3)
+    solved = IdentitySolver().solve(rhs)
+    assert torch.equal(solved, rhs) and solved is not rhs
