@@ -1,6 +1,7 @@
 """The multi-stage influence estimator (Chen et al., Sec. 3; ``shared/design/MATH.md``)."""
 
 import copy
+import functools
 from numbers import Integral, Real
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch.func import functional_call
 
+from ._adapters import transform_data, unwrap_model
 from ._curvature import Objective
 from ._data import as_data
 from ._losses import LOSSES, check_outputs, resolve_loss
@@ -233,8 +235,15 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             here; iterative solves happen in :meth:`influence` and :meth:`score`.
         """
         self._validate_params()
+        pretrain_model, pretrain_transform, pretrain_default_loss = unwrap_model(
+            pretrain_model, "pretrain_model")
+        finetune_model, finetune_transform, finetune_default_loss = unwrap_model(
+            finetune_model, "finetune_model")
         _check_module(pretrain_model, "pretrain_model")
         _check_module(finetune_model, "finetune_model")
+        Z = transform_data(Z, pretrain_transform, "Z")
+        X = transform_data(X, finetune_transform, "X")
+        self._finetune_transform = finetune_transform
         if self.embedding == "updated" and self.alpha <= 0:
             raise ValueError(
                 f"embedding='updated' needs alpha > 0 (the weight of the proximity term "
@@ -268,14 +277,18 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         self._dtype = dtype
         self._Z = as_data(Z, "Z", dtype)
         self._X = as_data(X, "X", dtype)
-        self._pretrain_loss = resolve_loss(self.pretrain_loss)
-        self._finetune_loss = resolve_loss(self.finetune_loss)
+        # A model that brings its own loss (a skorch net's criterion) sets the default.
+        pretrain_loss = _loss_or_default(self.pretrain_loss, pretrain_default_loss)
+        finetune_loss = _loss_or_default(self.finetune_loss, finetune_default_loss)
+        self._finetune_loss_spec = finetune_loss
+        self._pretrain_loss = resolve_loss(pretrain_loss)
+        self._finetune_loss = resolve_loss(finetune_loss)
 
         pretrain_state = _state(pretrain_copy, dtype, device)
         finetune_state = _state(finetune_copy, dtype, device)
-        self._probe(pretrain_copy, pretrain_state, self._Z, self.pretrain_loss,
+        self._probe(pretrain_copy, pretrain_state, self._Z, pretrain_loss,
                     "pretrain_loss", "pretrain_model")
-        self._probe(finetune_copy, finetune_state, self._X, self.finetune_loss,
+        self._probe(finetune_copy, finetune_state, self._X, finetune_loss,
                     "finetune_loss", "finetune_model")
 
         pre_names = [name for name, _ in pretrain_copy.named_parameters()]
@@ -373,9 +386,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
                                               self.verbose)
             return ExactSolver(hessian, shift, name, damping_name)
 
-        def hvp(vectors):
-            return objective.hvp(vectors, data, self.batch_size, self._device, indices)
-
+        hvp = functools.partial(objective.hvp, data=data, batch_size=self.batch_size,
+                                device=self._device, indices=indices)
         return IterativeSolver(hvp, shift, self.iterative_solver, self.tol, self.max_iter,
                                name, self.verbose)
 
@@ -416,9 +428,10 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
     def _test_data(self, x_test):
         check_is_fitted(self)
+        x_test = transform_data(x_test, self._finetune_transform, "x_test")
         data = as_data(x_test, "x_test", self._dtype)
-        self._probe(self._finetune.module, self._finetune.state, data, self.finetune_loss,
-                    "finetune_loss", "finetune_model")
+        self._probe(self._finetune.module, self._finetune.state, data,
+                    self._finetune_loss_spec, "finetune_loss", "finetune_model")
         self._finetune.check(data, self.batch_size, self._device)
         return data
 
@@ -442,6 +455,13 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         scores = -self._pretrain.directional(v2, self._Z, self.batch_size, self._device,
                                              self.verbose)
         return scores.detach().cpu().numpy().astype(np.float64)
+
+
+def _loss_or_default(loss, model_loss):
+    """The user's loss, or the model's own when the user left the default."""
+    if model_loss is not None and isinstance(loss, str) and loss == "cross_entropy":
+        return model_loss
+    return loss
 
 
 def _check_module(model, name):
