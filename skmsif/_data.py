@@ -23,6 +23,11 @@ class TensorData:
     def __len__(self):
         return len(self.inputs)
 
+    def subset(self, start, stop):
+        """Examples ``start:stop`` as a new, independent :class:`TensorData`."""
+        return TensorData(self.inputs[start:stop].clone(), self.targets[start:stop].clone(),
+                          self.name)
+
     def batches(self, batch_size, device, indices=None):
         """Yield ``(inputs, targets)`` batches on ``device``, in order."""
         n = len(self) if indices is None else len(indices)

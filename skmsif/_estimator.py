@@ -2,10 +2,14 @@
 
 import copy
 import functools
+import hashlib
+import json
+import os
 from numbers import Integral, Real
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -14,10 +18,11 @@ from torch.func import functional_call
 
 from ._adapters import transform_data, unwrap_model
 from ._curvature import Objective
-from ._data import as_data
+from ._data import TensorData, as_data
 from ._losses import LOSSES, check_outputs, resolve_loss
 from ._params import find_shared
-from ._solvers import ExactSolver, IdentitySolver, IterativeSolver
+from ._progress import progress
+from ._solvers import ExactSolver, IdentitySolver, IterativeSolver, LowRankSolver
 
 # hessian="auto" picks "exact" when no Hessian to invert has more parameters than this.
 AUTO_EXACT_MAX_PARAMS = 2000
@@ -51,9 +56,11 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         ``3 p^2`` float64 numbers exceed ``exact_max_memory``. ``"cg"``: Krylov iterations
         with Hessian-vector products (``iterative_solver`` says which), no dense matrix.
         ``"identity"``: the paper's Fig. 4 baseline, both inverse Hessians replaced by the
-        identity (dampings unused; the mixed block of Case 1 stays). ``"auto"``:
-        ``"exact"`` when no Hessian to invert has more than 2,000 parameters, else
-        ``"cg"``.
+        identity (dampings unused; the mixed block of Case 1 stays). ``"lowrank"``: the
+        ``rank`` eigenpairs of largest magnitude of each damped Hessian, by Lanczos,
+        computed once in ``fit`` and reused for every test point (an approximation that
+        drops the rest of the spectrum; exact at full rank). ``"auto"``: ``"exact"`` when
+        no Hessian to invert has more than 2,000 parameters, else ``"cg"``.
     pretrain_damping : float, default=1e-2
         Added to the diagonal of the pretrain Hessian ``H_G`` (over ``W`` and ``U``).
     finetune_damping : float, default=1e-8
@@ -94,6 +101,14 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         Where computations run, for example ``"cuda"``.
     exact_max_memory : int, default=2**31
         Bytes the exact backend may use for dense matrices.
+    rank : int, default=100
+        Eigenpairs kept by ``hessian="lowrank"`` (clipped to the number of parameters).
+    n_jobs : int, default=None
+        Workers for the scoring pass over ``Z``, split into chunks through joblib
+        (``None``: one, unless a ``joblib.parallel_config`` context says otherwise;
+        ``-1``: all). Runs on any joblib backend, a Dask cluster included
+        (``with joblib.parallel_config("dask"): est.score(x_test)``). Results do not
+        depend on it.
     verbose : int, default=0
         Show progress bars for dense Hessians, solves and scoring.
 
@@ -114,6 +129,11 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     pretrain_solver_, finetune_solver_ : object
         The solvers; an iterative one keeps ``history_`` (iterations and residual of each
         solve).
+    features_cached_ : bool
+        Case 1 only: whether the finetune-head solves run on embedding outputs computed
+        once in ``fit`` (possible when the finetune model is an ``nn.Sequential`` whose
+        leading steps hold exactly the shared parameters), rather than on the whole
+        network.
 
     Notes
     -----
@@ -154,7 +174,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     _parameter_constraints = {
         "embedding": [StrOptions({"fixed", "updated"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "hessian": [StrOptions({"auto", "exact", "cg", "identity"})],
+        "hessian": [StrOptions({"auto", "exact", "cg", "identity", "lowrank"})],
         "pretrain_damping": [Interval(Real, 0, None, closed="left")],
         "finetune_damping": [Interval(Real, 0, None, closed="left")],
         "shared": [None, str, list, tuple],
@@ -169,6 +189,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         "dtype": [StrOptions({"float64", "float32"})],
         "device": [str, torch.device],
         "exact_max_memory": [Interval(Integral, 1, None, closed="left")],
+        "rank": [Interval(Integral, 1, None, closed="left")],
+        "n_jobs": [None, Integral],
         "verbose": ["verbose"],
     }
 
@@ -191,6 +213,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         dtype="float64",
         device="cpu",
         exact_max_memory=2**31,
+        rank=100,
+        n_jobs=None,
         verbose=0,
     ):
         self.embedding = embedding
@@ -210,6 +234,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         self.dtype = dtype
         self.device = device
         self.exact_max_memory = exact_max_memory
+        self.rank = rank
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
@@ -320,10 +346,18 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             self.hessian_indices_ = np.sort(
                 rng.choice(self.n_pretrain_, self.hessian_samples, replace=False))
 
+        self._solve_data = self._X
+        self.features_cached_ = False
         if self.embedding == "fixed":
-            # Case 1 inverts the Hessian over Theta alone.
+            # Case 1 inverts the Hessian over Theta alone; W is fixed, so that Hessian
+            # needs only the embedding's outputs, which are computed once when possible.
             self._finetune_solve_space = Objective(finetune_copy, finetune_state, theta,
                                                    self._finetune_loss, "finetune_loss")
+            cached = _cached_head(finetune_copy, finetune_state, shared_fin, theta,
+                                  self._finetune_loss, self._X, self.batch_size, device)
+            if cached is not None:
+                self._finetune_solve_space, self._solve_data = cached
+                self.features_cached_ = True
             finetune_shift = torch.full((len(self._theta_index),),
                                         float(self.finetune_damping), dtype=dtype,
                                         device=device)
@@ -356,7 +390,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             self._pretrain, self._Z, indices, pretrain_shift, "pretrain",
             "pretrain_damping")
         self.finetune_solver_ = self._make_solver(
-            self._finetune_solve_space, self._X, None, finetune_shift, "finetune",
+            self._finetune_solve_space, self._solve_data, None, finetune_shift, "finetune",
             "finetune_damping")
         return self
 
@@ -388,25 +422,38 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
         hvp = functools.partial(objective.hvp, data=data, batch_size=self.batch_size,
                                 device=self._device, indices=indices)
+        if self.hessian_ == "lowrank":
+            return LowRankSolver(hvp, shift, self.rank, self.random_state, name,
+                                 self.verbose)
         return IterativeSolver(hvp, shift, self.iterative_solver, self.tol, self.max_iter,
                                name, self.verbose)
 
     # ------------------------------------------------------------- scoring
 
-    def influence(self, x_test):
+    def influence(self, x_test, out=None):
         """Influence of every pretrain example on every test point.
 
         Parameters
         ----------
         x_test : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
             Test points of the finetune task.
+        out : str or path-like, default=None
+            Write the result to this ``.npy`` file instead of memory, ``batch_size`` test
+            points at a time, and return it memory-mapped. An interrupted call, repeated
+            with the same arguments, resumes after the last finished chunk (kept in
+            ``out + ".partial"`` with ``out + ".progress.json"``); ``out`` itself only
+            appears, whole, when every chunk is done.
 
         Returns
         -------
         influence : ndarray of shape (n_test, n_pretrain)
-            ``I(z_i, x_t)``; positive means harmful (see the class docstring).
+            ``I(z_i, x_t)``; positive means harmful (see the class docstring). A
+            read-only ``numpy.memmap`` when ``out`` is given.
         """
-        return self._influence(self._test_data(x_test), summed=False)
+        data = self._test_data(x_test)
+        if out is None:
+            return self._influence(data, summed=False)
+        return self._influence_to_file(data, os.fspath(out))
 
     def score(self, x_test):
         """Influence of every pretrain example on the summed loss of the test points.
@@ -452,9 +499,127 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         rhs = torch.zeros(len(w), self._pretrain.n_params, dtype=w.dtype, device=w.device)
         rhs[:, self._shared_pre_index] = w
         v2 = self.pretrain_solver_.solve(rhs)
-        scores = -self._pretrain.directional(v2, self._Z, self.batch_size, self._device,
-                                             self.verbose)
-        return scores.detach().cpu().numpy().astype(np.float64)
+        return -self._directional(v2).astype(np.float64)
+
+    def _directional(self, vectors):
+        """``vectors @ grad g(z)`` for every pretrain example: ``(k, m)`` numpy."""
+        workers = effective_n_jobs(self.n_jobs)
+        if workers == 1:
+            return self._pretrain.directional(vectors, self._Z, self.batch_size,
+                                              self._device, self.verbose).cpu().numpy()
+        m = self.n_pretrain_
+        chunk = max(self.batch_size, -(-m // (4 * workers)))
+        starts = range(0, m, chunk)
+        vectors = vectors.cpu()
+        tasks = (delayed(_directional_chunk)(self._pretrain, vectors,
+                                             self._Z.subset(start, start + chunk),
+                                             self.batch_size, self._device)
+                 for start in starts)
+        parts = Parallel(n_jobs=self.n_jobs, return_as="generator")(tasks)
+        return np.concatenate(list(progress(parts, self.verbose, len(starts),
+                                            "scoring pretrain chunks")), axis=1)
+
+    def _influence_to_file(self, data, path):
+        partial, record = path + ".partial", path + ".progress.json"
+        shape = (len(data), self.n_pretrain_)
+        fingerprint = self._fingerprint(data)
+        done = set()
+        if os.path.exists(partial) and os.path.exists(record):
+            with open(record, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            if saved.get("fingerprint") == fingerprint:
+                done = set(saved["done"])
+        if done:
+            array = np.lib.format.open_memmap(partial, mode="r+")
+        else:
+            array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64,
+                                              shape=shape)
+        starts = list(range(0, shape[0], self.batch_size))
+        for chunk, start in enumerate(progress(starts, self.verbose, len(starts),
+                                               "test chunks")):
+            if chunk in done:
+                continue
+            stop = start + self.batch_size
+            array[start:stop] = self._influence(data.subset(start, stop), summed=False)
+            array.flush()
+            done.add(chunk)
+            _write_json_atomically(record, {"fingerprint": fingerprint,
+                                            "done": sorted(done)})
+        del array
+        os.replace(partial, path)
+        os.remove(record)
+        return np.load(path, mmap_mode="r")
+
+    def _fingerprint(self, data):
+        """Identifies a computation: settings, fitted weights and test points."""
+        digest = hashlib.sha256()
+        params = {key: value if isinstance(value, (str, int, float, bool, type(None),
+                                                   list, tuple))
+                  else getattr(value, "__qualname__", type(value).__name__)
+                  for key, value in self.get_params().items()}
+        digest.update(json.dumps(params, sort_keys=True).encode())
+        for tensor in (self._pretrain.point, self._finetune.point, data.inputs,
+                       data.targets):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(str((self.n_pretrain_, self.batch_size)).encode())
+        return digest.hexdigest()
+
+
+def _directional_chunk(objective, vectors, data, batch_size, device):
+    """One worker's share of the scoring pass (module level, so joblib can ship it)."""
+    return objective.directional(vectors.to(device), data, batch_size, device).cpu().numpy()
+
+
+def _write_json_atomically(path, content):
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+    os.replace(temporary, path)
+
+
+def _cached_head(model, state, shared, theta, loss, data, batch_size, device):
+    """The Case 1 head objective on precomputed embedding outputs, or ``None``.
+
+    Applies when ``model`` is an ``nn.Sequential`` whose leading steps hold exactly the
+    shared parameters and whose remaining steps hold exactly ``theta``. The result is
+    checked against the whole network on the first batch.
+    """
+    if not isinstance(model, torch.nn.Sequential):
+        return None
+    steps = list(model.named_children())
+    shared, covered = set(shared), set()
+    for count, (key, step) in enumerate(steps[:-1], start=1):
+        covered |= {f"{key}.{name}" for name, _ in step.named_parameters()}
+        if not covered <= shared:
+            return None
+        if covered == shared:
+            break
+    else:
+        return None
+    prefix, head = model[:count], model[count:]
+    head_names = {name for name, _ in head.named_parameters(remove_duplicate=False)}
+    if head_names != set(theta):
+        return None
+    prefix_keys = {name for name, _ in list(prefix.named_parameters())
+                   + list(prefix.named_buffers())}
+    head_keys = {name for name, _ in list(head.named_parameters())
+                 + list(head.named_buffers())}
+    prefix_state = {key: state[key] for key in prefix_keys}
+    head_state = {key: state[key] for key in head_keys}
+    with torch.no_grad():
+        features = torch.cat([functional_call(prefix, prefix_state, (inputs,)).cpu()
+                              for inputs, _ in data.batches(batch_size, device)])
+    features_data = TensorData(features, data.targets, data.name)
+    objective = Objective(head, head_state, theta, loss, "finetune_loss")
+    whole = Objective(model, state, theta, loss, "finetune_loss")
+    inputs, targets = next(data.batches(batch_size, device))
+    head_inputs, _ = next(features_data.batches(batch_size, device))
+    with torch.no_grad():
+        expected = whole.losses(whole.point, inputs, targets)
+        got = objective.losses(objective.point, head_inputs, targets)
+    if not torch.allclose(got, expected, rtol=1e-10, atol=1e-12):
+        return None
+    return objective, features_data
 
 
 def _loss_or_default(loss, model_loss):

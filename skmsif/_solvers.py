@@ -2,19 +2,21 @@
 
 ``H`` is a Hessian (possibly indefinite: trained networks are rarely at an exact minimum)
 and ``shift`` the damping, plus ``2 alpha`` on the shared block in Case 2 (MATH.md). The
-shift is added here and nowhere else. ``rhs`` holds one right-hand side per row.
+shift is added here and nowhere else. ``rhs`` holds one right-hand side per row; the
+iterative solvers advance all rows together, so each iteration costs one batched
+Hessian-vector product (``hvp`` maps ``(k, p)`` to ``(k, p)``). Everything stays in torch,
+on the estimator's device.
 """
 
 import warnings
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, cg, minres
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
 
 from ._progress import progress
 
-# Restarts of a Krylov run whose true residual is still above tol.
+# Restarts of a Krylov run whose measured residual is still above tol.
 _MAX_RESTARTS = 10
 
 
@@ -25,7 +27,15 @@ class IdentitySolver:
         return rhs.clone()
 
 
-class ExactSolver:
+class _EigenSolver:
+    """Solves with eigenpairs ``(values, vectors)`` of the damped Hessian."""
+
+    def solve(self, rhs):
+        coefficients = rhs.to(torch.float64) @ self.eigenvectors_.T
+        return ((coefficients / self.eigenvalues_) @ self.eigenvectors_).to(rhs.dtype)
+
+
+class ExactSolver(_EigenSolver):
     """Eigendecomposition of the dense damped Hessian in float64, reused for every solve.
 
     Parameters
@@ -38,12 +48,19 @@ class ExactSolver:
         Which Hessian, for messages (for example ``"pretrain"``).
     damping_name : str
         The estimator parameter that sets the damping, named in the fix.
+
+    Attributes
+    ----------
+    eigenvalues_ : torch.Tensor of shape (p,)
+    eigenvectors_ : torch.Tensor of shape (p, p)
+        One eigenvector per row.
     """
 
     def __init__(self, hessian, shift, name, damping_name):
         matrix = hessian.to(torch.float64) + torch.diag(shift.to(torch.float64))
-        self.eigenvalues_, self.eigenvectors_ = torch.linalg.eigh(matrix)
-        magnitudes = self.eigenvalues_.abs()
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+        self.eigenvalues_, self.eigenvectors_ = eigenvalues, eigenvectors.T
+        magnitudes = eigenvalues.abs()
         p = len(magnitudes)
         if magnitudes.min() <= magnitudes.max() * p * torch.finfo(torch.float64).eps:
             raise ValueError(
@@ -52,13 +69,82 @@ class ExactSolver:
                 f"increase {damping_name}."
             )
 
-    def solve(self, rhs):
-        coefficients = rhs.to(torch.float64) @ self.eigenvectors_
-        return ((coefficients / self.eigenvalues_) @ self.eigenvectors_.T).to(rhs.dtype)
+
+class LowRankSolver(_EigenSolver):
+    """The ``rank`` eigenpairs of largest magnitude, by Lanczos, computed once.
+
+    ``solve(b) = V diag(1/lambda) V^T b`` over those eigenpairs: the component of ``b``
+    outside them is dropped (the Arnoldi/Lanczos influence approximation). With ``rank``
+    equal to the number of parameters it is exact.
+
+    Parameters
+    ----------
+    hvp : callable
+        Batched Hessian-vector product, ``(k, p) -> (k, p)``.
+    shift : torch.Tensor of shape (p,)
+        Added to the diagonal.
+    rank : int
+        Eigenpairs kept (clipped to ``p``).
+    random_state : int, RandomState instance or None
+        The Lanczos start vector.
+    name : str
+        Which Hessian, for progress bars.
+    verbose : int
+        Show a progress bar over Lanczos steps.
+
+    Attributes
+    ----------
+    eigenvalues_ : torch.Tensor of shape (rank,)
+    eigenvectors_ : torch.Tensor of shape (rank, p)
+    n_steps_ : int
+        Lanczos steps taken (Hessian-vector products).
+    """
+
+    def __init__(self, hvp, shift, rank, random_state, name, verbose=0):
+        p = shift.numel()
+        rank = min(rank, p)
+        steps = min(p, max(2 * rank, rank + 20))
+        seed = int(check_random_state(random_state).randint(2**31 - 1))
+        generator = torch.Generator().manual_seed(seed)
+
+        def random_unit(basis, count):
+            vector = torch.randn(p, generator=generator, dtype=torch.float64).to(shift)
+            for _ in range(2):
+                vector -= basis[:count].T @ (basis[:count] @ vector)
+            return vector / vector.norm()
+
+        basis = torch.zeros(steps, p, dtype=shift.dtype, device=shift.device)
+        alphas = torch.zeros(steps, dtype=torch.float64)
+        betas = torch.zeros(steps, dtype=torch.float64)
+        vector = random_unit(basis, 0)
+        for step in progress(range(steps), verbose, steps, f"{name} Lanczos"):
+            basis[step] = vector
+            image = hvp(vector[None])[0] + shift * vector
+            alphas[step] = float(vector @ image)
+            # Full reorthogonalisation, twice: the basis stays orthonormal to precision.
+            for _ in range(2):
+                image -= basis[:step + 1].T @ (basis[:step + 1] @ image)
+            beta = float(image.norm())
+            if step + 1 == steps:
+                break
+            if beta <= 1e-10 * max(float(alphas[:step + 1].abs().max()), 1e-300):
+                # An invariant subspace: continue from a fresh direction (T splits).
+                betas[step] = 0.0
+                vector = random_unit(basis, step + 1)
+            else:
+                betas[step] = beta
+                vector = image / beta
+        tridiagonal = (torch.diag(alphas) + torch.diag(betas[:-1], 1)
+                       + torch.diag(betas[:-1], -1))
+        values, ritz = torch.linalg.eigh(tridiagonal)
+        keep = torch.argsort(values.abs(), descending=True)[:rank]
+        self.eigenvalues_ = values[keep].to(shift.device)
+        self.eigenvectors_ = (ritz[:, keep].T.to(basis) @ basis).to(torch.float64)
+        self.n_steps_ = steps
 
 
 class IterativeSolver:
-    """Krylov solves with Hessian-vector products; no dense matrix.
+    """Krylov solves with batched Hessian-vector products; no dense matrix.
 
     Parameters
     ----------
@@ -68,25 +154,29 @@ class IterativeSolver:
         Added to the diagonal.
     method : {"minres", "cg", "cg_normal"}
         ``"minres"``: MINRES on ``A = H + diag(shift)``, correct for symmetric indefinite
-        ``A``. ``"cg"``: conjugate gradients on ``A``, only for positive definite ``A``.
+        ``A``. ``"cg"``: conjugate gradients on ``A``, only for positive definite ``A``
+        (stops a right-hand side at the first direction of non-positive curvature).
         ``"cg_normal"``: conjugate gradients on ``A^2 x = A b`` (the paper's Sec. 3.3),
-        positive definite whenever ``A`` is nonsingular, but squares the condition number.
+        positive definite whenever ``A`` is nonsingular, but it squares the condition
+        number, which limits the residual it can reach.
     tol : float
-        A solve has converged when ``||A x - b|| / ||b|| <= tol``, measured on the
-        original system (scipy's own stopping rules are restarted past when they differ).
-        Floored at ``100 * eps`` of the dtype (about 1e-5 in float32).
+        A solve has converged when ``||A x - b|| / ||b|| <= tol``, measured with one
+        extra product at the end of each run; a run that stops early on its own
+        estimate is restarted from where it stopped. Floored at ``100 * eps`` of the
+        dtype (about 1e-5 in float32).
     max_iter : int
-        Iterations at most per right-hand side.
+        Iterations at most per right-hand side, restarts included (``cg_normal``
+        counts one iteration per product with ``A^2``).
     name : str
         Which Hessian, for messages.
     verbose : int
-        Show a progress bar over right-hand sides.
+        Show a progress bar over iterations.
 
     Attributes
     ----------
     history_ : list of dict
-        One entry per solve: ``n_iter``, ``residual`` (``||A x - b|| / ||b||`` of the
-        original system, measured with one extra product) and ``converged``.
+        One entry per right-hand side: ``n_iter``, ``residual`` (``||A x - b|| / ||b||``)
+        and ``converged``.
     """
 
     def __init__(self, hvp, shift, method, tol, max_iter, name, verbose=0):
@@ -99,77 +189,150 @@ class IterativeSolver:
         self.verbose = verbose
         self.history_ = []
 
-    def _apply(self, vector):
-        return self.hvp(vector[None])[0] + self.shift * vector
+    def _apply(self, vectors):
+        return self.hvp(vectors) + self.shift * vectors
 
     def solve(self, rhs):
-        solutions = torch.empty_like(rhs)
-        rows = progress(range(len(rhs)), self.verbose, len(rhs),
-                        f"{self.name} {self.method} solves")
-        for row in rows:
-            solutions[row] = self._solve_one(rhs[row])
-        return solutions
-
-    def _solve_one(self, b):
-        p = b.numel()
-        like = b
-
-        def matvec(x):
-            vector = torch.from_numpy(np.asarray(x).reshape(-1)).to(like)
-            return self._apply(vector).cpu().numpy()
-
-        operator = LinearOperator((p, p), matvec=matvec, dtype=np.float64)
-        b_np = b.cpu().numpy().astype(np.float64)
-        rhs_norm = float(np.linalg.norm(b_np))
-        if rhs_norm == 0.0:
-            self.history_.append({"n_iter": 0, "residual": 0.0, "converged": True})
-            return torch.zeros_like(b)
-        n_iter = [0]
-
-        def count(_):
-            n_iter[0] += 1
-
-        # scipy's stopping rules are not relative to ||b|| (MINRES's is relative to
-        # ||A|| ||x||), so the true residual is measured after each run; while it is above
-        # tol, the solver restarts from where it stopped with a tighter inner tolerance.
-        tol = max(self.tol, 100 * torch.finfo(b.dtype).eps)
-        x, residual, info, inner_tol = np.zeros(p), 1.0, 0, tol
+        tol = max(self.tol, 100 * torch.finfo(rhs.dtype).eps)
+        rhs_norm = rhs.norm(dim=1)
+        x = torch.zeros_like(rhs)
+        n_iter = torch.zeros(len(rhs), dtype=torch.long)
+        residual = torch.where(rhs_norm > 0, 1.0, 0.0).to(torch.float64)
+        inner_tol = torch.full((len(rhs),), tol, dtype=torch.float64)
+        stalled = torch.zeros(len(rhs), dtype=torch.bool)
         for _ in range(_MAX_RESTARTS):
-            remaining = self.max_iter - n_iter[0]
-            if remaining <= 0:
+            todo = (residual > tol) & (n_iter < self.max_iter) & ~stalled
+            if not todo.any():
                 break
-            x_new, info = self._krylov(operator, matvec, b_np, x, inner_tol, remaining,
-                                       count)
-            new_residual = float(np.linalg.norm(matvec(x_new) - b_np)) / rhs_norm
-            if new_residual >= residual:  # no progress: stop here
-                break
-            x, residual = x_new, new_residual
-            if residual <= tol or info != 0:
-                break
-            inner_tol = max(inner_tol * min(0.1, tol / residual), np.finfo(np.float64).eps)
+            rows = todo.nonzero().flatten()
+            run = _METHODS[self.method]
+            x_new, steps = run(self._apply, rhs[rows], x[rows], inner_tol[rows],
+                               self.max_iter - n_iter[rows], self.verbose, self.name)
+            n_iter[rows] += steps
+            new_residual = ((self._apply(x_new) - rhs[rows]).norm(dim=1)
+                            / rhs_norm[rows]).to(torch.float64)
+            better = new_residual < residual[rows]
+            x[rows[better]] = x_new[better]
+            residual[rows[better]] = new_residual[better]
+            # A run that iterated without improving has stalled; one that took no step
+            # only met its inner tolerance at the start and is asked for more below.
+            stalled[rows[~better & (steps > 0)]] = True
+            # Ask the next run for more, by at least a factor 10.
+            factor = torch.clamp(tol / residual[rows], max=0.1)
+            inner_tol[rows] = torch.clamp(inner_tol[rows] * factor,
+                                          min=torch.finfo(torch.float64).eps)
         converged = residual <= tol
-        self.history_.append(
-            {"n_iter": n_iter[0], "residual": residual, "converged": converged})
-        if not converged:
+        for index in range(len(rhs)):
+            self.history_.append({"n_iter": int(n_iter[index]),
+                                  "residual": float(residual[index]),
+                                  "converged": bool(converged[index])})
+        if not converged.all():
+            worst = int(torch.argmax(residual))
             warnings.warn(
-                f"The {self.method} solve of the damped {self.name} Hessian stopped after "
-                f"{n_iter[0]} iterations (scipy info={info}) with relative residual "
-                f"{residual:.3g}, above tol={tol:g}. Raise max_iter or the "
-                f"damping, or use iterative_solver='minres' for an indefinite Hessian.",
+                f"{int((~converged).sum())} of {len(rhs)} {self.method} solves of the "
+                f"damped {self.name} Hessian stopped short: the worst after "
+                f"{int(n_iter[worst])} iterations with relative residual "
+                f"{float(residual[worst]):.3g}, above tol={tol:g}. Raise max_iter or the "
+                "damping, or use iterative_solver='minres' for an indefinite Hessian.",
                 ConvergenceWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
-        return torch.from_numpy(x).to(b)
+        return x
 
-    def _krylov(self, operator, matvec, b, x0, rtol, maxiter, callback):
-        if self.method == "minres":
-            return minres(operator, b, x0=x0, rtol=rtol, maxiter=maxiter,
-                          callback=callback)
-        if self.method == "cg":
-            return cg(operator, b, x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter,
-                      callback=callback)
-        p = len(b)
-        normal = LinearOperator((p, p), matvec=lambda v: matvec(matvec(v)),
-                                dtype=np.float64)
-        return cg(normal, matvec(b), x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter,
-                  callback=callback)
+
+def _dot(a, b):
+    return (a * b).sum(dim=1)
+
+
+def _safe(values):
+    return torch.where(values == 0, torch.ones_like(values), values)
+
+
+def _minres(apply, b, x0, tol, budget, verbose, name):
+    """Batched MINRES (Paige and Saunders), no preconditioner; one column per row."""
+    x = x0.clone()
+    r1 = b - apply(x)
+    beta1 = r1.norm(dim=1)
+    b_norm = b.norm(dim=1)
+    y, r2 = r1.clone(), r1.clone()
+    zeros = torch.zeros_like(beta1)
+    beta, oldb, dbar, epsln = beta1.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+    phibar, cs, sn = beta1.clone(), -torch.ones_like(beta1), zeros.clone()
+    w, w2 = torch.zeros_like(b), torch.zeros_like(b)
+    active = beta1 > tol.to(beta1) * b_norm
+    steps = torch.zeros(len(b), dtype=torch.long)
+    max_iter = int(budget.max())
+    for itn in progress(range(1, max_iter + 1), verbose, max_iter, f"{name} minres"):
+        if not active.any():
+            break
+        v = y / _safe(beta)[:, None]
+        y = torch.zeros_like(v)
+        y[active] = apply(v[active])
+        if itn >= 2:
+            y = y - (beta / _safe(oldb))[:, None] * r1
+        alfa = _dot(v, y)
+        y = y - (alfa / _safe(beta))[:, None] * r2
+        r1, r2 = r2, y
+        oldb, beta = beta, y.norm(dim=1)
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = torch.clamp(torch.sqrt(gbar**2 + beta**2), min=torch.finfo(b.dtype).eps)
+        cs, sn = gbar / gamma, beta / gamma
+        phi = cs * phibar
+        phibar = sn * phibar
+        w1, w2 = w2, w
+        w = (v - oldeps[:, None] * w1 - delta[:, None] * w2) / gamma[:, None]
+        x = x + torch.where(active, phi, zeros)[:, None] * w
+        steps += active.long()
+        # phibar estimates ||b - A x||; beta = 0 means the Krylov space is exhausted.
+        active = (active & (phibar > tol.to(phibar) * b_norm) & (beta > 0)
+                  & (steps < budget))
+    return x, steps
+
+
+def _cg_on(apply, b, x0, tol, budget, verbose, name, target_norm, label):
+    x = x0.clone()
+    r = b - apply(x)
+    direction = r.clone()
+    rs = _dot(r, r)
+    active = rs.sqrt() > tol.to(rs) * target_norm
+    steps = torch.zeros(len(b), dtype=torch.long)
+    max_iter = int(budget.max())
+    for _ in progress(range(max_iter), verbose, max_iter, f"{name} {label}"):
+        if not active.any():
+            break
+        image = torch.zeros_like(direction)
+        image[active] = apply(direction[active])
+        curvature = _dot(direction, image)
+        # A non-positive curvature direction: plain CG cannot continue on this row.
+        active = active & (curvature > 0)
+        alpha = torch.where(active, rs / _safe(curvature), torch.zeros_like(rs))
+        x = x + alpha[:, None] * direction
+        r = r - alpha[:, None] * image
+        rs_new = _dot(r, r)
+        direction = r + (rs_new / _safe(rs))[:, None] * direction
+        rs = rs_new
+        steps += active.long()
+        active = active & (rs.sqrt() > tol.to(rs) * target_norm) & (steps < budget)
+    return x, steps
+
+
+def _cg(apply, b, x0, tol, budget, verbose, name):
+    return _cg_on(apply, b, x0, tol, budget, verbose, name, b.norm(dim=1), "cg")
+
+
+def _cg_normal(apply, b, x0, tol, budget, verbose, name):
+    rhs = apply(b)
+
+    def normal(vectors):
+        return apply(apply(vectors))
+
+    return _cg_on(normal, rhs, x0, tol, budget, verbose, name, rhs.norm(dim=1),
+                  "cg_normal")
+
+
+_METHODS = {"minres": _minres, "cg": _cg, "cg_normal": _cg_normal}
+
