@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         "examples": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "matplotlib>=3.5"],
+        "skorch": ["skorch>=1.0"],
+        "dask": ["dask[distributed]>=2023.1"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "skorch>=1.0", "dask[distributed]>=2023.1"],
     },
     license="BSD-3-Clause",
     classifiers=[

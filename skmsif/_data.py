@@ -58,7 +58,10 @@ def _to_tensor(array, what, name):
             f"{name}: the {what} have dtype {array.dtype}; pass numeric numpy arrays or "
             "torch tensors."
         )
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # a read-only memmap: torch would alias it
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 def _materialise_dataset(dataset, name):

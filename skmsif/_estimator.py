@@ -392,6 +392,16 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         self.finetune_solver_ = self._make_solver(
             self._finetune_solve_space, self._solve_data, None, finetune_shift, "finetune",
             "finetune_damping")
+        self._mixed_basis = None
+        if self.embedding == "fixed" and self.hessian_ == "lowrank":
+            # v1 lies in the span of the kept eigenvectors u_j, so H_WTheta v1 is a
+            # combination of the H_WTheta u_j: computed once here, reused for every test.
+            basis = self.finetune_solver_.eigenvectors_.to(dtype)
+            padded = torch.zeros(len(basis), self._finetune.n_params, dtype=dtype,
+                                 device=device)
+            padded[:, self._theta_index] = basis
+            self._mixed_basis = self._finetune.hvp(padded, self._X, self.batch_size,
+                                                   device)[:, self._shared_fin_index]
         return self
 
     def _probe(self, module, state, data, loss, loss_name, model_name):
@@ -487,7 +497,13 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         gradients = self._finetune.gradient_rows(test_data, self.batch_size, self._device,
                                                  summed)
         shared_fin = self._shared_fin_index
-        if self.embedding == "fixed":
+        if self.embedding == "fixed" and self._mixed_basis is not None:
+            solver = self.finetune_solver_
+            coefficients = ((gradients[:, self._theta_index].to(torch.float64)
+                             @ solver.eigenvectors_.T) / solver.eigenvalues_)
+            mixed = coefficients.to(gradients.dtype) @ self._mixed_basis
+            w = gradients[:, shared_fin] - mixed
+        elif self.embedding == "fixed":
             v1 = self.finetune_solver_.solve(gradients[:, self._theta_index])
             padded = torch.zeros_like(gradients)
             padded[:, self._theta_index] = v1
