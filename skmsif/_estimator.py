@@ -17,9 +17,10 @@ from sklearn.utils.validation import check_is_fitted
 from torch.func import functional_call
 
 from ._adapters import transform_data, unwrap_model
+from ._checks import check_finite_parameters, check_module, probe_model, resolve_device
 from ._curvature import Objective
 from ._data import TensorData, as_data
-from ._losses import LOSSES, check_outputs, resolve_loss
+from ._losses import LOSSES, resolve_loss
 from ._params import find_shared
 from ._progress import progress
 from ._solvers import ExactSolver, IdentitySolver, IterativeSolver, LowRankSolver
@@ -265,8 +266,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             pretrain_model, "pretrain_model")
         finetune_model, finetune_transform, finetune_default_loss = unwrap_model(
             finetune_model, "finetune_model")
-        _check_module(pretrain_model, "pretrain_model")
-        _check_module(finetune_model, "finetune_model")
+        check_module(pretrain_model, "pretrain_model")
+        check_module(finetune_model, "finetune_model")
         Z = transform_data(Z, pretrain_transform, "Z")
         X = transform_data(X, finetune_transform, "X")
         self._finetune_transform = finetune_transform
@@ -276,7 +277,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
                 f"alpha * ||W - W_pretrained||^2); got alpha={self.alpha!r}. Pass e.g. "
                 "alpha=0.01, or embedding='fixed' if the embedding was frozen."
             )
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         dtype = getattr(torch, self.dtype)
 
         pairs = find_shared(pretrain_model, finetune_model, self.shared)
@@ -286,8 +287,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
                 f"shared={self.shared!r} selects every parameter of finetune_model; the "
                 "finetune model needs a head of its own (Theta) besides the embedding."
             )
-        _check_finite_parameters(pretrain_model, "pretrain_model")
-        _check_finite_parameters(finetune_model, "finetune_model")
+        check_finite_parameters(pretrain_model, "pretrain_model")
+        check_finite_parameters(finetune_model, "finetune_model")
         if self.embedding == "fixed":
             _check_embedding_unchanged(pretrain_model, finetune_model, pairs)
 
@@ -405,22 +406,8 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         return self
 
     def _probe(self, module, state, data, loss, loss_name, model_name):
-        inputs, targets = next(data.batches(self.batch_size, self._device))
-        try:
-            with torch.no_grad():
-                outputs = functional_call(module, state, (inputs,))
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ValueError(
-                f"{model_name} could not be evaluated on {data.name} (inputs of shape "
-                f"{tuple(inputs.shape[1:])} per example, dtype {inputs.dtype}): {exc}"
-            ) from exc
-        if not isinstance(outputs, torch.Tensor):
-            raise TypeError(
-                f"{model_name} must return a tensor of outputs; it returned "
-                f"{type(outputs).__name__}."
-            )
-        if isinstance(loss, str):
-            check_outputs(outputs, data, loss, loss_name, model_name)
+        probe_model(functools.partial(_call, module, state), data, loss, loss_name,
+                    model_name, self.batch_size, self._device)
 
     def _make_solver(self, objective, data, indices, shift, name, damping_name):
         if self.hessian_ == "identity":
@@ -581,6 +568,10 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         return digest.hexdigest()
 
 
+def _call(module, state, inputs):
+    return functional_call(module, state, (inputs,))
+
+
 def _directional_chunk(objective, vectors, data, batch_size, device):
     """One worker's share of the scoring pass (module level, so joblib can ship it)."""
     return objective.directional(vectors.to(device), data, batch_size, device).cpu().numpy()
@@ -645,22 +636,6 @@ def _loss_or_default(loss, model_loss):
     return loss
 
 
-def _check_module(model, name):
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module; got {type(model).__name__}.")
-    if not any(True for _ in model.parameters()):
-        raise ValueError(f"{name} has no parameters.")
-
-
-def _check_finite_parameters(model, name):
-    for parameter_name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
-            raise ValueError(
-                f"{name} has NaN or infinite values in parameter {parameter_name!r}; "
-                "the model diverged or was not initialised. Retrain it before scoring."
-            )
-
-
 def _check_embedding_unchanged(pretrain_model, finetune_model, pairs):
     pre = dict(pretrain_model.named_parameters())
     fin = dict(finetune_model.named_parameters())
@@ -684,17 +659,3 @@ def _state(module, dtype, device):
             tensor = tensor.to(dtype)
         state[name] = tensor.to(device)
     return state
-
-
-def _resolve_device(device):
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:0'."
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} but torch.cuda.is_available() is False; pass device='cpu'."
-        )
-    return resolved

@@ -42,6 +42,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._checks import probe_model, resolve_device
 from ._data import as_data
 from ._losses import LOSSES, check_losses, check_outputs, resolve_loss
 from ._progress import progress
@@ -619,7 +620,7 @@ class TurnOverDropoutEstimator(BaseEstimator):
                     "examples only exist in the embedding they were pretrained through. "
                     "Share that embedding (or a copy of it) with the finetune model."
                 )
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         dtype = getattr(torch, self.dtype)
         data = as_data(Z, "Z", dtype)
         self.ids_ = _check_ids(ids, len(data), "ids", "Z").numpy()
@@ -654,17 +655,7 @@ class TurnOverDropoutEstimator(BaseEstimator):
         return self
 
     def _probe(self, module, data, loss, loss_name, model_name):
-        inputs, _ = next(data.batches(8, self._device))
-        try:
-            with torch.no_grad():
-                outputs = module(inputs)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ValueError(
-                f"{model_name} could not be evaluated on {data.name} (inputs of shape "
-                f"{tuple(inputs.shape[1:])} per example, dtype {inputs.dtype}): {exc}"
-            ) from exc
-        if isinstance(loss, str):
-            check_outputs(outputs, data, loss, loss_name, model_name)
+        probe_model(module, data, loss, loss_name, model_name, 8, self._device)
 
     def _test_data(self, x_test):
         check_is_fitted(self)
@@ -788,17 +779,3 @@ def _check_model(model, name):
             "to compare. Wrap a layer (e.g. TurnOverDropout(nn.Linear(64, 16))) and train "
             "with train_turnover, or use MultiStageInfluenceEstimator."
         )
-
-
-def _resolve_device(device):
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:0'."
-        ) from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} but torch.cuda.is_available() is False; pass device='cpu'."
-        )
-    return resolved

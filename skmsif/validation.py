@@ -29,9 +29,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
+from ._checks import check_module, probe_model
 from ._data import as_data
-from ._estimator import _check_module
-from ._losses import LOSSES, check_losses, check_outputs, resolve_loss
+from ._losses import LOSSES, resolve_loss
 from ._params import find_shared, flatten, unflatten
 from ._progress import progress
 
@@ -432,28 +432,6 @@ def _check_indices(indices, m):
     return array.astype(np.int64)
 
 
-def _probe(model, data, loss, loss_fn, loss_name, model_name, device):
-    """Evaluate a few examples once, so that a mismatch fails here with a clear message."""
-    inputs, targets = next(data.batches(8, device))
-    try:
-        with torch.no_grad():
-            outputs = model(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError(
-            f"{model_name} could not be evaluated on {data.name} (inputs of shape "
-            f"{tuple(inputs.shape[1:])} per example, dtype {inputs.dtype}): {exc}"
-        ) from exc
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(
-            f"{model_name} must return a tensor of outputs; it returned "
-            f"{type(outputs).__name__}."
-        )
-    if isinstance(loss, str):
-        check_outputs(outputs, data, loss, loss_name, model_name)
-    with torch.no_grad():
-        check_losses(loss_fn(outputs, targets), len(inputs), loss_name)
-
-
 def _callable_key(fn):
     """Something hashable that identifies a callable across sessions."""
     try:
@@ -742,8 +720,8 @@ def leave_one_out(
     >>> change.shape
     (2,)
     """
-    _check_module(pretrain_model, "pretrain_model")
-    _check_module(finetune_model, "finetune_model")
+    check_module(pretrain_model, "pretrain_model")
+    check_module(finetune_model, "finetune_model")
     torch_dtype = getattr(torch, dtype)
     device = torch.device(device)
     if embedding == "updated" and alpha <= 0:
@@ -792,12 +770,12 @@ def leave_one_out(
         )
     pretrain_loss_fn = resolve_loss(pretrain_loss)
     finetune_loss_fn = resolve_loss(finetune_loss)
-    _probe(pretrain_copy, Z_data, pretrain_loss, pretrain_loss_fn, "pretrain_loss",
-           "pretrain_model", device)
-    _probe(finetune_copy, X_data, finetune_loss, finetune_loss_fn, "finetune_loss",
-           "finetune_model", device)
-    _probe(finetune_copy, test_data, finetune_loss, finetune_loss_fn, "finetune_loss",
-           "finetune_model", device)
+    probe_model(pretrain_copy, Z_data, pretrain_loss, "pretrain_loss", "pretrain_model", 8, device,
+                loss_fn=pretrain_loss_fn)
+    probe_model(finetune_copy, X_data, finetune_loss, "finetune_loss", "finetune_model", 8,
+                device, loss_fn=finetune_loss_fn)
+    probe_model(finetune_copy, test_data, finetune_loss, "finetune_loss", "finetune_model", 8,
+                device, loss_fn=finetune_loss_fn)
 
     seeds = (None, None)
     if recipe == "paper":
