@@ -1,0 +1,569 @@
+"""Data sets, models and training routines of the paper's experiments (Chen et al., Sec. 4).
+
+Two pretrain/finetune set-ups, both "pretrain on some classes, finetune on the others":
+
+* :func:`load_digits_split`: scikit-learn's 8x8 digits (offline, tiny), pretrain on
+  digits 0-3, finetune on digits 4-9; with :func:`make_digits_mlp`.
+* :func:`load_fashion_mnist` and :func:`fashion_mnist_split`: Fashion-MNIST read from the
+  MNIST-format files of the Debian package ``dataset-fashion-mnist``, pretrain on classes
+  0-3, finetune on a 5,000-example subsample of classes 4-9 (the paper's MNIST protocol,
+  Appendix B); with :func:`make_mnist_cnn`, the paper's Table A "MNIST" network.
+
+:func:`fit_lbfgs` and :func:`fit_adam` train one stage on exactly the objectives that
+:func:`skmsif.validation.leave_one_out` retrains (its Notes): the mean per-example loss,
+plus ``(damping / 2) ||params||^2``, plus ``alpha ||W - W_bar||^2`` for the ``anchors``
+(Case 2's finetune stage). Training with ``damping`` equal to the estimator's damping
+makes the damped Hessians the estimator inverts the true Hessians of what was minimised.
+
+Notation: ``shared/design/MATH.md``. ``Z`` is the pretrain data, ``X`` the finetune data,
+``x_test`` finetune test points; each is an ``(inputs, targets)`` pair of numpy arrays.
+"""
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.utils import Bunch, check_random_state
+from torch import nn
+
+__all__ = [
+    "FASHION_MNIST_PATH",
+    "FASHION_MNIST_CLASSES",
+    "load_digits_split",
+    "load_fashion_mnist",
+    "fashion_mnist_available",
+    "fashion_mnist_split",
+    "make_digits_mlp",
+    "make_mnist_cnn",
+    "fit_lbfgs",
+    "fit_adam",
+    "total_loss",
+    "per_example_loss",
+    "accuracy",
+]
+
+FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+PRETRAIN_CLASSES = (0, 1, 2, 3)
+FINETUNE_CLASSES = (4, 5, 6, 7, 8, 9)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _pair(inputs, targets):
+    return (np.ascontiguousarray(inputs), np.ascontiguousarray(targets, dtype=np.int64))
+
+
+def load_digits_split(random_state=0, *, test_size=0.5, pretrain_classes=PRETRAIN_CLASSES,
+                      finetune_classes=FINETUNE_CLASSES, n_pretrain=None, n_finetune=None,
+                      n_test=None, pretrain_holdout=0.0):
+    """scikit-learn's 8x8 digits as a pretrain task and a finetune task.
+
+    Pixels are divided by 16 (to [0, 1]). The pretrain set ``Z`` holds the digits of
+    ``pretrain_classes`` (labelled ``0, 1, ...`` in that order); the digits of
+    ``finetune_classes`` are relabelled ``0, 1, ...`` the same way and split, stratified,
+    into the finetune training set ``X`` and the finetune test set ``x_test``.
+
+    Parameters
+    ----------
+    random_state : int, RandomState instance or None, default=0
+        Draws the finetune train/test split and the subsamples.
+    test_size : float, default=0.5
+        Fraction of the finetune digits that go to ``x_test``.
+    pretrain_classes, finetune_classes : sequence of int
+        Digits of each task; they may overlap (the same digits as two tasks).
+    n_pretrain, n_finetune, n_test : int, default=None
+        Keep a random subsample of this many examples of ``Z``, ``X``, ``x_test``
+        (``None``: all). Used for quick runs.
+    pretrain_holdout : float, default=0.0
+        Fraction of the pretrain-class digits kept out of ``Z`` (before ``n_pretrain``)
+        and returned as ``Z_holdout``: unseen examples of the pretrain task, e.g. to
+        finetune on the pretrain task itself (paper Sec. 4.2).
+
+    Returns
+    -------
+    data : sklearn.utils.Bunch
+        ``Z``, ``X``, ``x_test``, ``Z_holdout``: ``(inputs, targets)`` pairs of arrays
+        of shape ``(n, 64)`` (float64) and ``(n,)`` (int64); ``Z_index``: positions of
+        ``Z``'s digits in ``load_digits()``; ``image_shape`` ``(8, 8)``;
+        ``pretrain_classes``, ``finetune_classes``: the original digits of each label.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmsif.datasets import load_digits_split
+    >>> data = load_digits_split(random_state=0)
+    >>> data.Z[0].shape, np.unique(data.Z[1]).tolist(), np.unique(data.X[1]).tolist()
+    ((720, 64), [0, 1, 2, 3], [0, 1, 2, 3, 4, 5])
+    """
+    rng = check_random_state(random_state)
+    digits = load_digits()
+    images, labels = digits.data / 16.0, digits.target
+
+    def relabel(classes):
+        mask = np.isin(labels, classes)
+        mapping = {c: k for k, c in enumerate(classes)}
+        return np.flatnonzero(mask), np.array([mapping[c] for c in labels[mask]])
+
+    z_index, z_labels = relabel(list(pretrain_classes))
+    f_index, f_labels = relabel(list(finetune_classes))
+    train_pos, test_pos = train_test_split(np.arange(len(f_index)), test_size=test_size,
+                                           stratify=f_labels, random_state=rng)
+    held = np.zeros(len(z_index), dtype=bool)
+    if pretrain_holdout > 0:
+        held[train_test_split(np.arange(len(z_index)), test_size=pretrain_holdout,
+                              stratify=z_labels, random_state=rng)[1]] = True
+    holdout_index, holdout_labels = z_index[held], z_labels[held]
+    z_index, z_labels = z_index[~held], z_labels[~held]
+    z_keep = _subsample(len(z_index), n_pretrain, rng)
+    train_pos = np.sort(train_pos[_subsample(len(train_pos), n_finetune, rng)])
+    test_pos = np.sort(test_pos[_subsample(len(test_pos), n_test, rng)])
+    z_index, z_labels = z_index[z_keep], z_labels[z_keep]
+    return Bunch(
+        Z=_pair(images[z_index], z_labels),
+        Z_holdout=_pair(images[holdout_index], holdout_labels),
+        X=_pair(images[f_index[train_pos]], f_labels[train_pos]),
+        x_test=_pair(images[f_index[test_pos]], f_labels[test_pos]),
+        Z_index=z_index,
+        image_shape=(8, 8),
+        pretrain_classes=tuple(int(c) for c in pretrain_classes),
+        finetune_classes=tuple(int(c) for c in finetune_classes),
+    )
+
+
+def _subsample(n, size, rng):
+    """Sorted positions of a random subsample of ``size`` of ``range(n)`` (all if None)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=int(size), replace=False))
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _missing_message(path, missing):
+    return (
+        f"Fashion-MNIST not found: {missing} is missing from {os.fspath(path)!r}. Install "
+        "the Debian package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist), "
+        "or pass path= to a folder holding the four MNIST-format files "
+        f"{sorted(f for pair in FASHION_MNIST_FILES.values() for f in pair)}."
+    )
+
+
+def fashion_mnist_available(path=FASHION_MNIST_PATH):
+    """Whether the four Fashion-MNIST files are in ``path``.
+
+    Tests that need the data skip with a clear message when it is absent::
+
+        needs_fashion_mnist = pytest.mark.skipif(
+            not fashion_mnist_available(),
+            reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
+    """
+    folder = Path(path)
+    return all((folder / name).is_file()
+               for pair in FASHION_MNIST_FILES.values() for name in pair)
+
+
+def _read_idx(filename):
+    """One gzip-compressed IDX file (the MNIST format) as a numpy array."""
+    with gzip.open(filename, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{os.fspath(filename)!r} is not an IDX file (bad magic number).")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+              0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise ValueError(f"{os.fspath(filename)!r}: unknown IDX data type {raw[2]:#x}.")
+    n_dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(n_dims))
+    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * n_dims)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(
+            f"{os.fspath(filename)!r} holds {data.size} values, its header says {shape}.")
+    return data.reshape(shape)
+
+
+def load_fashion_mnist(path=FASHION_MNIST_PATH):
+    """Fashion-MNIST from its four MNIST-format ``.gz`` files, with numpy only.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, default="/usr/share/datasets/fashion-mnist"
+        Folder with ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+        ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz`` (where the
+        Debian package ``dataset-fashion-mnist`` installs them).
+
+    Returns
+    -------
+    data : sklearn.utils.Bunch
+        ``train`` and ``test``: ``(images, labels)`` pairs, images float32 of shape
+        ``(n, 1, 28, 28)`` scaled to [0, 1], labels int64 in 0-9 (60,000 and 10,000
+        examples); ``classes``: the class names.
+
+    Raises
+    ------
+    FileNotFoundError
+        When a file is missing; the message names the package to install.
+    """
+    folder = Path(path)
+    parts = {}
+    for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+        for name in (images_name, labels_name):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(_missing_message(folder, name))
+        images = _read_idx(folder / images_name)
+        labels = _read_idx(folder / labels_name)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(
+                f"{split} images of shape {images.shape} do not match {len(labels)} labels.")
+        images = (images.astype(np.float32) / 255.0)[:, None, :, :]
+        parts[split] = (images, labels.astype(np.int64))
+    return Bunch(train=parts["train"], test=parts["test"], classes=FASHION_MNIST_CLASSES)
+
+
+def fashion_mnist_split(random_state=0, *, path=FASHION_MNIST_PATH, data=None,
+                        pretrain_classes=PRETRAIN_CLASSES, finetune_classes=FINETUNE_CLASSES,
+                        n_pretrain=None, n_finetune=5000, n_test=None, n_holdout=0):
+    """Fashion-MNIST as a pretrain task and a finetune task (the paper's MNIST protocol).
+
+    ``Z``: every training image of ``pretrain_classes`` (24,000 for classes 0-3),
+    labelled ``0, 1, ...`` in that order. ``X``: a random subsample of ``n_finetune``
+    training images of ``finetune_classes``, relabelled the same way. ``x_test``: the
+    test-set (t10k) images of ``finetune_classes``.
+
+    Parameters
+    ----------
+    random_state : int, RandomState instance or None, default=0
+        Draws the subsamples.
+    path : str or os.PathLike
+        Passed to :func:`load_fashion_mnist` when ``data`` is None.
+    data : Bunch, default=None
+        The output of :func:`load_fashion_mnist`, to avoid reading the files again.
+    pretrain_classes, finetune_classes : sequence of int
+        Class labels of each task.
+    n_pretrain, n_finetune, n_test : int or None
+        Sizes of random subsamples of ``Z``, ``X`` and ``x_test`` (``None``: all).
+    n_holdout : int, default=0
+        Training images of ``pretrain_classes`` kept out of ``Z`` (drawn first) and
+        returned as ``Z_holdout``, with the test images of those classes as
+        ``Z_holdout_test``: unseen data of the pretrain task (paper Sec. 4.2).
+
+    Returns
+    -------
+    split : sklearn.utils.Bunch
+        ``Z``, ``X``, ``x_test``, ``Z_holdout``, ``Z_holdout_test`` as ``(images,
+        labels)`` pairs (float32 ``(n, 1, 28, 28)`` and int64); ``image_shape``
+        ``(28, 28)``; ``pretrain_classes``, ``finetune_classes``; ``class_names``.
+    """
+    rng = check_random_state(random_state)
+    data = load_fashion_mnist(path) if data is None else data
+
+    def select(images, labels, classes, size, exclude=()):
+        mask = np.setdiff1d(np.flatnonzero(np.isin(labels, classes)), exclude)
+        mask = mask[_subsample(len(mask), size, rng)]
+        mapping = np.full(10, -1)
+        mapping[list(classes)] = np.arange(len(classes))
+        return mask, _pair(images[mask], mapping[labels[mask]])
+
+    train_images, train_labels = data.train
+    test_images, test_labels = data.test
+    pretrain_classes, finetune_classes = list(pretrain_classes), list(finetune_classes)
+    held, holdout = select(train_images, train_labels, pretrain_classes, n_holdout)
+    if not n_holdout:
+        held, holdout = held[:0], (holdout[0][:0], holdout[1][:0])
+    return Bunch(
+        Z=select(train_images, train_labels, pretrain_classes, n_pretrain, held)[1],
+        Z_holdout=holdout,
+        Z_holdout_test=select(test_images, test_labels, pretrain_classes, n_test)[1],
+        X=select(train_images, train_labels, finetune_classes, n_finetune)[1],
+        x_test=select(test_images, test_labels, finetune_classes, n_test)[1],
+        image_shape=(28, 28),
+        pretrain_classes=tuple(int(c) for c in pretrain_classes),
+        finetune_classes=tuple(int(c) for c in finetune_classes),
+        class_names=FASHION_MNIST_CLASSES,
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_digits_mlp(hidden=16, *, n_inputs=64, n_pretrain_classes=4, n_finetune_classes=6,
+                    seed=0, dtype=torch.float64):
+    """A one-hidden-layer MLP for the 8x8 digits: ``Linear(64, hidden) + Tanh`` embedding.
+
+    Parameters
+    ----------
+    hidden : int, default=16
+        Width of the embedding.
+    n_inputs : int, default=64
+        Input features.
+    n_pretrain_classes, n_finetune_classes : int
+        Outputs of the two linear task heads.
+    seed : int, default=0
+        Seeds the initialisation (torch's global generator is left as it was).
+    dtype : torch.dtype, default=torch.float64
+
+    Returns
+    -------
+    embedding, pretrain_model, finetune_model : torch.nn.Module
+        ``pretrain_model = Sequential(embedding, head)`` and likewise ``finetune_model``;
+        both hold the *same* embedding object (Case 1). For Case 2 give the finetune
+        model a deep copy: ``Sequential(copy.deepcopy(embedding), finetune_model[1])``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        embedding = nn.Sequential(nn.Linear(n_inputs, hidden), nn.Tanh())
+        pretrain_head = nn.Linear(hidden, n_pretrain_classes)
+        finetune_head = nn.Linear(hidden, n_finetune_classes)
+    pretrain_model = nn.Sequential(embedding, pretrain_head).to(dtype)
+    finetune_model = nn.Sequential(embedding, finetune_head).to(dtype)
+    return embedding, pretrain_model, finetune_model
+
+
+def make_mnist_cnn(n_pretrain_classes=4, n_finetune_classes=6, seed=0, *,
+                   dtype=torch.float32):
+    """The paper's Table A "MNIST" network, for inputs of shape ``(N, 1, 28, 28)``.
+
+    Embedding: ``CONV 32 5x5 + 1``, ``MAX-POOL 2x2 + 2``, ``CONV 64 5x5 + 1``,
+    ``MAX-POOL 2x2 + 2``, Tanh activations, flattened to 1,024 features; task heads
+    ``FC <#classes>`` without activation. Max-pooling is applied before each Tanh: Tanh
+    is increasing, so ``pool(tanh(x)) == tanh(pool(x))`` and the network is the same
+    function at a quarter of the Tanh evaluations.
+
+    Parameters
+    ----------
+    n_pretrain_classes, n_finetune_classes : int
+        Outputs of the two heads.
+    seed : int, default=0
+        Seeds the initialisation (torch's global generator is left as it was).
+    dtype : torch.dtype, default=torch.float32
+
+    Returns
+    -------
+    embedding, pretrain_model, finetune_model : torch.nn.Module
+        ``Sequential(embedding, head)`` each, sharing the embedding object (Case 1); for
+        Case 2 deep-copy the embedding into the finetune model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skmsif.datasets import make_mnist_cnn
+    >>> embedding, pretrain_model, finetune_model = make_mnist_cnn()
+    >>> pretrain_model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 4])
+    >>> finetune_model[0] is embedding
+    True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        embedding = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=5, stride=1), nn.MaxPool2d(2, stride=2), nn.Tanh(),
+            nn.Conv2d(32, 64, kernel_size=5, stride=1), nn.MaxPool2d(2, stride=2), nn.Tanh(),
+            nn.Flatten())
+        pretrain_head = nn.Linear(64 * 4 * 4, n_pretrain_classes)
+        finetune_head = nn.Linear(64 * 4 * 4, n_finetune_classes)
+    pretrain_model = nn.Sequential(embedding, pretrain_head).to(dtype)
+    finetune_model = nn.Sequential(embedding, finetune_head).to(dtype)
+    return embedding, pretrain_model, finetune_model
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _tensors(data, model):
+    """``(inputs, targets)`` as tensors, inputs in the model's dtype."""
+    inputs, targets = data
+    dtype = next(model.parameters()).dtype
+    return (torch.as_tensor(np.asarray(inputs)).to(dtype),
+            torch.as_tensor(np.asarray(targets)).long())
+
+
+def _regulariser(params, damping, anchors, alpha):
+    value = 0.0
+    if damping:
+        value = value + 0.5 * damping * sum((p * p).sum() for p in params)
+    if alpha and anchors:
+        value = value + alpha * sum(((p - bar) ** 2).sum() for p, bar in anchors)
+    return value
+
+
+def _prepare(model, params, anchors):
+    params = list(model.parameters()) if params is None else list(params)
+    anchors = [(p, bar.detach().clone()) for p, bar in (anchors or [])]
+    trained = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    return params, anchors
+
+
+def fit_lbfgs(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
+              max_iter=2000, tol=1e-10, batch_size=None):
+    """Minimise a stage's full-batch objective with L-BFGS (strong Wolfe), in place.
+
+    The objective is ``mean_j loss(x_j) + (damping/2) ||params||^2
+    + alpha sum ||W - W_bar||^2`` over ``(W, W_bar)`` in ``anchors``, with the
+    per-example cross-entropy, the model in eval mode. L-BFGS is restarted while it
+    makes progress, until the largest gradient entry is at most ``tol`` or ``max_iter``
+    iterations are spent.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained in place.
+    data : (inputs, targets) pair of arrays or tensors
+    params : list of torch.nn.Parameter, default=None
+        The parameters to train (``None``: all of ``model``'s); the others are frozen
+        (``requires_grad=False``).
+    damping : float, default=0.0
+        L2 weight; use the estimator's damping of this stage.
+    anchors : list of (torch.nn.Parameter, torch.Tensor), default=None
+        Case 2's proximity term: parameters and the values they are pulled towards.
+    alpha : float, default=0.0
+        Weight of the proximity term.
+    max_iter : int, default=2000
+        L-BFGS iterations at most.
+    tol : float, default=1e-10
+        Target for the largest absolute gradient entry.
+    batch_size : int, default=None
+        Rows per forward pass (memory only; the objective is always the full mean).
+
+    Returns
+    -------
+    info : dict
+        ``objective``, ``grad_max`` (largest absolute gradient entry at the end),
+        ``n_iter``, ``converged`` (``grad_max <= tol``).
+    """
+    model.eval()
+    params, anchors = _prepare(model, params, anchors)
+    inputs, targets = _tensors(data, model)
+    n = len(inputs)
+    chunk = n if batch_size is None else int(batch_size)
+
+    def closure():
+        for p in params:
+            p.grad = None
+        total = 0.0
+        for start in range(0, n, chunk):
+            value = F.cross_entropy(model(inputs[start:start + chunk]),
+                                    targets[start:start + chunk], reduction="sum") / n
+            value.backward()
+            total = total + value.detach()
+        regulariser = _regulariser(params, damping, anchors, alpha)
+        if isinstance(regulariser, torch.Tensor):
+            regulariser.backward()
+            total = total + regulariser.detach()
+        return total
+
+    def grad_max():
+        with torch.enable_grad():
+            closure()
+        return max(float(p.grad.abs().max()) for p in params)
+
+    n_iter, current = 0, grad_max()
+    while current > tol and n_iter < max_iter:
+        budget = max_iter - n_iter
+        optimizer = torch.optim.LBFGS(params, lr=1, max_iter=budget, max_eval=2 * budget + 10,
+                                      tolerance_grad=tol, tolerance_change=0.0,
+                                      history_size=50, line_search_fn="strong_wolfe")
+        optimizer.step(closure)
+        n_iter += max(1, optimizer.state[optimizer._params[0]].get("n_iter", 0))
+        previous, current = current, grad_max()
+        if not current < 0.5 * previous:  # stalled: restarting will not help
+            break
+    objective = float(closure())
+    for p in params:
+        p.grad = None
+    return {"objective": objective, "grad_max": current, "n_iter": n_iter,
+            "converged": current <= tol}
+
+
+def fit_adam(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
+             n_steps=1000, batch_size=512, lr=1e-3, random_state=0):
+    """Take ``n_steps`` Adam steps on shuffled minibatches of a stage's objective, in place.
+
+    The minibatch objective is the minibatch mean of the cross-entropy plus the same
+    regularisers as :func:`fit_lbfgs` (the "paper" recipe of
+    :func:`skmsif.validation.leave_one_out`). Epochs are reshuffled with
+    ``random_state``; the last minibatch of an epoch may be short.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Trained in place (eval mode: no dropout, frozen batch-norm statistics).
+    data : (inputs, targets) pair of arrays or tensors
+    params, damping, anchors, alpha
+        As in :func:`fit_lbfgs`.
+    n_steps : int, default=1000
+    batch_size : int, default=512
+    lr : float, default=1e-3
+    random_state : int, default=0
+
+    Returns
+    -------
+    info : dict
+        ``n_steps`` and ``last_loss`` (mean minibatch objective over the last 20 steps).
+    """
+    model.eval()
+    params, anchors = _prepare(model, params, anchors)
+    inputs, targets = _tensors(data, model)
+    n = len(inputs)
+    rng = np.random.RandomState(random_state)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    recent, done = [], 0
+    while done < n_steps:
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, batch_size):
+            if done == n_steps:
+                break
+            rows = order[start:start + batch_size]
+            optimizer.zero_grad()
+            value = F.cross_entropy(model(inputs[rows]), targets[rows])
+            value = value + _regulariser(params, damping, anchors, alpha)
+            value.backward()
+            optimizer.step()
+            recent = (recent + [float(value.detach())])[-20:]
+            done += 1
+    for p in params:
+        p.grad = None
+    return {"n_steps": done, "last_loss": float(np.mean(recent)) if recent else np.nan}
+
+
+def total_loss(model, data, batch_size=1024):
+    """Summed cross-entropy of ``model`` (eval mode) over ``data``."""
+    model.eval()
+    inputs, targets = _tensors(data, model)
+    with torch.no_grad():
+        return float(sum(F.cross_entropy(model(inputs[s:s + batch_size]),
+                                         targets[s:s + batch_size], reduction="sum")
+                         for s in range(0, len(inputs), batch_size)))
+
+
+def per_example_loss(model, data, batch_size=1024):
+    """Cross-entropy of every example of ``data``, shape ``(n,)`` numpy float64."""
+    model.eval()
+    inputs, targets = _tensors(data, model)
+    with torch.no_grad():
+        return torch.cat([F.cross_entropy(model(inputs[s:s + batch_size]),
+                                          targets[s:s + batch_size], reduction="none")
+                          for s in range(0, len(inputs), batch_size)]).double().numpy()
+
+
+def accuracy(model, data, batch_size=1024):
+    """Fraction of ``data`` that ``model`` (eval mode) classifies right."""
+    model.eval()
+    inputs, targets = _tensors(data, model)
+    with torch.no_grad():
+        predicted = torch.cat([model(inputs[s:s + batch_size]).argmax(1)
+                               for s in range(0, len(inputs), batch_size)])
+    return float((predicted == targets).double().mean())
