@@ -1,8 +1,9 @@
 """The experiments (``python -m skmsif.experiments``) and the baselines they compare.
 
 The tiny runs check that every figure runs end to end and that what it measures is
-consistent; the ``slow`` tests check the faithfulness targets of ``doc/results.md`` on the
-full digits set-up (converged recipe), against leave-one-out retraining.
+consistent; ``test_digits_faithfulness_targets`` checks the faithfulness targets of
+``doc/results.md`` on the full digits set-up (converged recipe), against leave-one-out
+retraining (about a minute on 2 cores, in the default run).
 """
 
 import json
@@ -172,7 +173,6 @@ def test_fashion_mnist_tiny_runs(tiny_out):
 # --------------------------------------------------------------------------- full digits
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case, target", [("fixed", 0.95), ("updated", 0.9)])
 def test_digits_faithfulness_targets(case, target, tmp_path):
     """The targets of doc/results.md: converged recipe, top-30 + random-30 removals."""
