@@ -336,11 +336,10 @@ def test_parallel_and_repeated_indices_give_the_same_numbers(trained, removals):
     assert np.array_equal(change, removals[0][indices])
 
 
+@pytest.mark.parametrize("trained", ["fixed"], indirect=True)
 def test_fixed_embedding_matched_by_name_equals_shared_objects(trained, removals):
     """Case 1 with the finetune model holding an equal copy of W (shared="0"): the
     retrained pretrain W is copied into it, as if the objects were shared."""
-    if trained["embedding"] != "fixed":
-        pytest.skip("Case 1 only")
     copied = copy.deepcopy(trained)
     copied["finetune"][0] = copy.deepcopy(copied["pretrain"][0])
     assert copied["finetune"][0][0].weight is not copied["pretrain"][0][0].weight
