@@ -31,6 +31,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
 from torch import nn
 
+from ._data import TensorData
+from ._losses import cross_entropy
+from ._training import Stage, minimise
+
 __all__ = [
     "FASHION_MNIST_PATH",
     "FASHION_MNIST_CLASSES",
@@ -413,9 +417,10 @@ def fit_lbfgs(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
 
     The objective is ``mean_j loss(x_j) + (damping/2) ||params||^2
     + alpha sum ||W - W_bar||^2`` over ``(W, W_bar)`` in ``anchors``, with the
-    per-example cross-entropy, the model in eval mode. L-BFGS is restarted while it
-    makes progress, until the largest gradient entry is at most ``tol`` or ``max_iter``
-    iterations are spent.
+    per-example cross-entropy, the model in eval mode: the same minimiser as the
+    "converged" recipe of :func:`skmsif.validation.leave_one_out` (L-BFGS while it makes
+    progress, then Newton-CG steps), until the largest gradient entry is at most ``tol``
+    or ``max_iter`` iterations are spent.
 
     Parameters
     ----------
@@ -447,45 +452,16 @@ def fit_lbfgs(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
     model.eval()
     params, anchors = _prepare(model, params, anchors)
     inputs, targets = _tensors(data, model)
-    n = len(inputs)
-    chunk = n if batch_size is None else int(batch_size)
-
-    def closure():
-        for p in params:
-            p.grad = None
-        total = 0.0
-        for start in range(0, n, chunk):
-            value = F.cross_entropy(model(inputs[start:start + chunk]),
-                                    targets[start:start + chunk], reduction="sum") / n
-            value.backward()
-            total = total + value.detach()
-        regulariser = _regulariser(params, damping, anchors, alpha)
-        if isinstance(regulariser, torch.Tensor):
-            regulariser.backward()
-            total = total + regulariser.detach()
-        return total
-
-    def grad_max():
-        with torch.enable_grad():
-            closure()
-        return max(float(p.grad.abs().max()) for p in params)
-
-    n_iter, current = 0, grad_max()
-    while current > tol and n_iter < max_iter:
-        budget = max_iter - n_iter
-        optimizer = torch.optim.LBFGS(params, lr=1, max_iter=budget, max_eval=2 * budget + 10,
-                                      tolerance_grad=tol, tolerance_change=0.0,
-                                      history_size=50, line_search_fn="strong_wolfe")
-        optimizer.step(closure)
-        n_iter += max(1, optimizer.state[optimizer._params[0]].get("n_iter", 0))
-        previous, current = current, grad_max()
-        if not current < 0.5 * previous:  # stalled: restarting will not help
-            break
-    objective = float(closure())
+    device = inputs.device
+    stage = Stage(model, params, TensorData(inputs.cpu(), targets.cpu(), "data"),
+                  cross_entropy, torch.ones(len(inputs), dtype=inputs.dtype), damping,
+                  batch_size, device, anchors=anchors, alpha=alpha)
+    result = minimise(stage, max_iter, tol)
+    objective, _ = stage.evaluate()
     for p in params:
         p.grad = None
-    return {"objective": objective, "grad_max": current, "n_iter": n_iter,
-            "converged": current <= tol}
+    return {"objective": objective, "grad_max": result["grad_norm"],
+            "n_iter": result["n_iter"], "converged": result["converged"]}
 
 
 def fit_adam(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
