@@ -23,7 +23,10 @@ setup(
         "examples": ["matplotlib>=3.5"],
         "skorch": ["skorch>=1.0"],
         "dask": ["dask[distributed]>=2023.1"],
-        "test": ["pytest>=7", "matplotlib>=3.5", "skorch>=1.0", "dask[distributed]>=2023.1"],
+        "test": ["pytest>=7", "matplotlib>=3.5", "skorch>=1.0", "dask[distributed]>=2023.1",
+                 "numpydoc>=1.6"],
+        "docs": ["sphinx>=7.2", "numpydoc>=1.6", "sphinx-gallery>=0.15", "myst-parser>=2.0",
+                 "pydata-sphinx-theme>=0.15", "matplotlib>=3.5"],
     },
     license="BSD-3-Clause",
     classifiers=[

@@ -1,4 +1,6 @@
-"""Tune the influence estimator with scikit-learn's GridSearchCV, against leave-one-out.
+"""
+Tune the influence estimator with GridSearchCV, against leave-one-out
+=====================================================================
 
 Which ``pretrain_damping``, ``alpha`` and Hessian backend make multi-stage influence
 predict best what *actually* happens when a pretraining digit is removed and both stages
@@ -22,29 +24,25 @@ are retrained? This script answers it the way any scikit-learn model is tuned:
 
 Output: the ranked table, the held-out comparison, and a heat map of the mean
 cross-validated score over ``pretrain_damping x alpha``, one panel per backend
-(``--out``, default ``grid_search_digits.png``).
+(``grid_search_digits.png``).
 
-Run it from the repository root (about 3 minutes on 2 CPU cores the first time, with the
-cache under ``.skmsif_cache/``)::
+Run it from the repository root (about 90 s on 2 CPU cores the first time; the
+leave-one-out retraining is cached under ``.skmsif_cache/``)::
 
     python examples/grid_search_digits.py
 """
 
-import argparse
 import copy
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.model_selection import GridSearchCV, KFold, train_test_split
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.model_selection import GridSearchCV, KFold, train_test_split  # noqa: E402
-
-from skmsif import MultiStageInfluenceEstimator  # noqa: E402
-from skmsif.datasets import fit_lbfgs, load_digits_split, make_digits_mlp  # noqa: E402
-from skmsif.model_selection import AuditedInfluenceRegressor  # noqa: E402
-from skmsif.validation import audit_indices, faithfulness, leave_one_out  # noqa: E402
+from skmsif import MultiStageInfluenceEstimator
+from skmsif.datasets import fit_lbfgs, load_digits_split, make_digits_mlp
+from skmsif.model_selection import AuditedInfluenceRegressor
+from skmsif.validation import audit_indices, faithfulness, leave_one_out
 
 # The settings the models were trained with (the L2 weights are the dampings).
 PRETRAIN_DAMPING, FINETUNE_DAMPING, ALPHA = 1e-2, 1e-2, 1e-1
@@ -52,134 +50,129 @@ PRETRAIN_DAMPINGS = [1e-3, 1e-2, 1e-1]
 ALPHAS = [1e-2, 1e-1, 1.0]
 HESSIANS = ["exact", "cg", "identity"]
 CASE2 = {"embedding": "updated", "shared": "0"}  # "0": the embedding in both models
+N_PRETRAIN, N_FINETUNE, N_TEST = 300, 200, 50  # digits; pretrain is a subsample of 0-3
+HIDDEN = 8  # embedding width
+N_TOP, N_RANDOM = 30, 30  # audited digits: the most influential, and a random control
+N_JOBS = 2
+SEED = 0
+CACHE = ".skmsif_cache/grid_search_digits"
+OUT = "grid_search_digits.png"
 
+start = time.perf_counter()
 
-def train_models(data, hidden, seed):
-    """Pretrain, then finetune a copy of the embedding plus a new head (Case 2)."""
-    embedding, pretrain_model, finetune_model = make_digits_mlp(hidden, seed=seed)
-    info = fit_lbfgs(pretrain_model, data.Z, damping=PRETRAIN_DAMPING)
-    print(f"pretrain: {len(data.Z[1])} digits, |grad| {info['grad_max']:.1e}")
-    finetune_model = type(finetune_model)(copy.deepcopy(embedding), finetune_model[1])
-    anchors = [(p, p_bar.detach().clone()) for p, p_bar in
-               zip(finetune_model[0].parameters(), embedding.parameters())]
-    info = fit_lbfgs(finetune_model, data.X, damping=FINETUNE_DAMPING, anchors=anchors,
-                     alpha=ALPHA)
-    print(f"finetune: {len(data.X[1])} digits, |grad| {info['grad_max']:.1e}")
-    for module in (pretrain_model, finetune_model):
-        module.requires_grad_(True)
-    return pretrain_model, finetune_model
+# %%
+# Data and models (Case 2)
+# ------------------------
+# The finetune model starts from a copy of the pretrained embedding and trains it with
+# the new head, tied to the pretrained embedding by ``ALPHA * ||W - W_pretrained||^2``.
 
+data = load_digits_split(SEED, n_pretrain=N_PRETRAIN, n_finetune=N_FINETUNE,
+                         n_test=N_TEST)
+embedding, pretrain_model, finetune_model = make_digits_mlp(HIDDEN, seed=SEED)
+info = fit_lbfgs(pretrain_model, data.Z, damping=PRETRAIN_DAMPING)
+print(f"pretrain: {len(data.Z[1])} digits, |grad| {info['grad_max']:.1e}")
+finetune_model = type(finetune_model)(copy.deepcopy(embedding), finetune_model[1])
+anchors = [(p, p_bar.detach().clone()) for p, p_bar in
+           zip(finetune_model[0].parameters(), embedding.parameters())]
+info = fit_lbfgs(finetune_model, data.X, damping=FINETUNE_DAMPING, anchors=anchors,
+                 alpha=ALPHA)
+print(f"finetune: {len(data.X[1])} digits, |grad| {info['grad_max']:.1e}")
+for module in (pretrain_model, finetune_model):
+    module.requires_grad_(True)
+problem = {"pretrain_model": pretrain_model, "finetune_model": finetune_model,
+           "Z": data.Z, "X_finetune": data.X, "x_test": data.x_test}
 
-def print_ranked_table(results):
-    order = np.argsort(results["rank_test_score"], kind="stable")
-    print(f"\n{'rank':>4s}  {'hessian':8s} {'pretrain_damping':>16s} {'alpha':>6s}   "
-          "Spearman (mean +- std over 3 folds)")
-    for i in order:
-        p = results["params"][i]
-        print(f"{results['rank_test_score'][i]:4d}  {p['estimator__hessian']:8s} "
-              f"{p['estimator__pretrain_damping']:16g} {p['estimator__alpha']:6g}   "
-              f"{results['mean_test_score'][i]:.3f} +- {results['std_test_score'][i]:.3f}")
+# %%
+# Ground truth: leave-one-out retraining
+# --------------------------------------
+# The audited digits are the most influential ones under a reference estimate plus a
+# random control. Each is removed in turn and both stages are retrained (cached on disk).
 
+reference = MultiStageInfluenceEstimator(
+    hessian="exact", pretrain_damping=PRETRAIN_DAMPING,
+    finetune_damping=FINETUNE_DAMPING, alpha=ALPHA, **CASE2)
+scores = reference.fit(pretrain_model, finetune_model, data.Z, data.X).score(data.x_test)
+audit = audit_indices(scores, n_top=N_TOP, n_random=N_RANDOM, random_state=SEED)
+t0 = time.perf_counter()
+change, info = leave_one_out(
+    pretrain_model, finetune_model, data.Z, data.X, data.x_test, audit.indices,
+    pretrain_damping=PRETRAIN_DAMPING, finetune_damping=FINETUNE_DAMPING,
+    alpha=ALPHA, tol=1e-8, n_jobs=N_JOBS, cache=f"{CACHE}/leave_one_out",
+    return_info=True, **CASE2)
+print(f"leave-one-out: {len(change)} retrains in {time.perf_counter() - t0:.1f} s "
+      f"({int(info.from_cache.sum())} from the cache)")
 
-def plot_surface(results, path):
-    """Mean CV score over pretrain_damping x alpha, one panel per backend."""
-    fig, axes = plt.subplots(1, len(HESSIANS), figsize=(4.2 * len(HESSIANS), 3.8),
-                             layout="constrained")
-    scores = np.asarray(results["mean_test_score"])
-    low, high = np.nanmin(scores), np.nanmax(scores)
-    for ax, hessian in zip(axes, HESSIANS):
-        surface = np.full((len(PRETRAIN_DAMPINGS), len(ALPHAS)), np.nan)
-        for p, score in zip(results["params"], scores):
-            if p["estimator__hessian"] == hessian:
-                surface[PRETRAIN_DAMPINGS.index(p["estimator__pretrain_damping"]),
-                        ALPHAS.index(p["estimator__alpha"])] = score
-        image = ax.imshow(surface, vmin=low, vmax=high, cmap="viridis", origin="lower")
-        for (r, c), value in np.ndenumerate(surface):
-            ax.text(c, r, f"{value:.3f}", ha="center", va="center", fontsize=9,
-                    color="white" if value < (low + high) / 2 else "black")
-        ax.set_xticks(range(len(ALPHAS)), [f"{a:g}" for a in ALPHAS])
-        ax.set_yticks(range(len(PRETRAIN_DAMPINGS)), [f"{d:g}" for d in PRETRAIN_DAMPINGS])
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("pretrain_damping")
-        ax.set_title(f'hessian="{hessian}"')
-    fig.colorbar(image, ax=axes, label="mean CV Spearman vs leave-one-out")
-    fig.suptitle(f"Faithfulness of multi-stage influence (Case 2, digits); trained with "
-                 f"pretrain_damping={PRETRAIN_DAMPING:g}, alpha={ALPHA:g}")
-    fig.savefig(path, dpi=110)
+# %%
+# The search
+# ----------
+# Two thirds of the audited digits are searched over with 3-fold cross-validation; the
+# other third is held out of the search altogether.
 
+chosen, held_out, change_chosen, change_held_out = train_test_split(
+    audit.indices, change, test_size=1 / 3, random_state=SEED)
+search = GridSearchCV(
+    AuditedInfluenceRegressor(
+        MultiStageInfluenceEstimator(finetune_damping=FINETUNE_DAMPING, **CASE2),
+        metric="spearman", memory=f"{CACHE}/influence"),
+    {"estimator__pretrain_damping": PRETRAIN_DAMPINGS, "estimator__alpha": ALPHAS,
+     "estimator__hessian": HESSIANS},
+    cv=KFold(3, shuffle=True, random_state=SEED), n_jobs=N_JOBS)
+t0 = time.perf_counter()
+search.fit(chosen, change_chosen, **problem)
+results = search.cv_results_
+print(f"GridSearchCV: {len(results['params'])} settings x 3 folds in "
+      f"{time.perf_counter() - t0:.1f} s")
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="grid_search_digits.png", help="heat map PNG")
-    parser.add_argument("--cache", default=".skmsif_cache/grid_search_digits",
-                        help="directory for the leave-one-out and influence caches")
-    parser.add_argument("--n-pretrain", type=int, default=300,
-                        help="pretrain digits (a subsample of the ~720 of digits 0-3)")
-    parser.add_argument("--n-finetune", type=int, default=200)
-    parser.add_argument("--n-test", type=int, default=50)
-    parser.add_argument("--hidden", type=int, default=8, help="embedding width")
-    parser.add_argument("--n-top", type=int, default=30, help="most influential audited")
-    parser.add_argument("--n-random", type=int, default=30, help="random audited")
-    parser.add_argument("--n-jobs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+order = np.argsort(results["rank_test_score"], kind="stable")
+print(f"\n{'rank':>4s}  {'hessian':8s} {'pretrain_damping':>16s} {'alpha':>6s}   "
+      "Spearman (mean +- std over 3 folds)")
+for i in order:
+    p = results["params"][i]
+    print(f"{results['rank_test_score'][i]:4d}  {p['estimator__hessian']:8s} "
+          f"{p['estimator__pretrain_damping']:16g} {p['estimator__alpha']:6g}   "
+          f"{results['mean_test_score'][i]:.3f} +- {results['std_test_score'][i]:.3f}")
 
-    data = load_digits_split(args.seed, n_pretrain=args.n_pretrain,
-                             n_finetune=args.n_finetune, n_test=args.n_test)
-    pretrain_model, finetune_model = train_models(data, args.hidden, args.seed)
-    problem = {"pretrain_model": pretrain_model, "finetune_model": finetune_model,
-               "Z": data.Z, "X_finetune": data.X, "x_test": data.x_test}
+# %%
+# Held-out audits: the chosen setting against the identity baseline
+# -----------------------------------------------------------------
 
-    # --- Ground truth: leave-one-out retraining of the audited digits (cached). -------
-    reference = MultiStageInfluenceEstimator(
-        hessian="exact", pretrain_damping=PRETRAIN_DAMPING,
-        finetune_damping=FINETUNE_DAMPING, alpha=ALPHA, **CASE2)
-    scores = reference.fit(pretrain_model, finetune_model, data.Z, data.X).score(
-        data.x_test)
-    audit = audit_indices(scores, n_top=args.n_top, n_random=args.n_random,
-                          random_state=args.seed)
-    t0 = time.perf_counter()
-    change, info = leave_one_out(
-        pretrain_model, finetune_model, data.Z, data.X, data.x_test, audit.indices,
-        pretrain_damping=PRETRAIN_DAMPING, finetune_damping=FINETUNE_DAMPING,
-        alpha=ALPHA, tol=1e-8, n_jobs=args.n_jobs, cache=f"{args.cache}/leave_one_out",
-        return_info=True, **CASE2)
-    print(f"leave-one-out: {len(change)} retrains in {time.perf_counter() - t0:.1f} s "
-          f"({int(info.from_cache.sum())} from the cache)")
+identity = AuditedInfluenceRegressor(MultiStageInfluenceEstimator(
+    hessian="identity", finetune_damping=FINETUNE_DAMPING, alpha=ALPHA, **CASE2))
+identity.fit(chosen, change_chosen, **problem)
+print(f"chosen: {search.best_params_}")
+print(f"held-out audited digits ({len(held_out)}):")
+for name, regressor in (("chosen", search.best_estimator_), ("identity", identity)):
+    metrics = faithfulness(regressor.predict(held_out), change_held_out)["all"]
+    print(f"  {name:8s} Spearman {metrics['spearman']:.3f}  Pearson "
+          f"{metrics['pearson']:.3f}  slope {metrics['slope']:.3f}")
 
-    # --- The search: chosen on 2/3 of the audited digits, 3-fold CV. ------------------
-    chosen, held_out, change_chosen, change_held_out = train_test_split(
-        audit.indices, change, test_size=1 / 3, random_state=args.seed)
-    search = GridSearchCV(
-        AuditedInfluenceRegressor(
-            MultiStageInfluenceEstimator(finetune_damping=FINETUNE_DAMPING, **CASE2),
-            metric="spearman", memory=f"{args.cache}/influence"),
-        {"estimator__pretrain_damping": PRETRAIN_DAMPINGS, "estimator__alpha": ALPHAS,
-         "estimator__hessian": HESSIANS},
-        cv=KFold(3, shuffle=True, random_state=args.seed), n_jobs=args.n_jobs)
-    t0 = time.perf_counter()
-    search.fit(chosen, change_chosen, **problem)
-    print(f"GridSearchCV: {len(search.cv_results_['params'])} settings x 3 folds in "
-          f"{time.perf_counter() - t0:.1f} s")
-    print_ranked_table(search.cv_results_)
+# %%
+# The score surface
+# -----------------
+# Mean cross-validated Spearman correlation with leave-one-out over
+# ``pretrain_damping x alpha``, one panel per backend.
 
-    # --- Held-out audits: the chosen setting against the identity baseline. -----------
-    identity = AuditedInfluenceRegressor(MultiStageInfluenceEstimator(
-        hessian="identity", finetune_damping=FINETUNE_DAMPING, alpha=ALPHA, **CASE2))
-    identity.fit(chosen, change_chosen, **problem)
-    best = search.best_estimator_
-    print(f"\nchosen: {search.best_params_}")
-    print(f"held-out audited digits ({len(held_out)}):")
-    for name, regressor in (("chosen", best), ("identity", identity)):
-        metrics = faithfulness(regressor.predict(held_out), change_held_out)["all"]
-        print(f"  {name:8s} Spearman {metrics['spearman']:.3f}  Pearson "
-              f"{metrics['pearson']:.3f}  slope {metrics['slope']:.3f}")
-
-    plot_surface(search.cv_results_, args.out)
-    print(f"\nwrote {args.out}; total {time.perf_counter() - start:.1f} s")
-    return search
-
-
-if __name__ == "__main__":
-    main()
+fig, axes = plt.subplots(1, len(HESSIANS), figsize=(4.2 * len(HESSIANS), 3.8),
+                         layout="constrained")
+mean_scores = np.asarray(results["mean_test_score"])
+low, high = np.nanmin(mean_scores), np.nanmax(mean_scores)
+for ax, hessian in zip(axes, HESSIANS):
+    surface = np.full((len(PRETRAIN_DAMPINGS), len(ALPHAS)), np.nan)
+    for p, score in zip(results["params"], mean_scores):
+        if p["estimator__hessian"] == hessian:
+            surface[PRETRAIN_DAMPINGS.index(p["estimator__pretrain_damping"]),
+                    ALPHAS.index(p["estimator__alpha"])] = score
+    image = ax.imshow(surface, vmin=low, vmax=high, cmap="viridis", origin="lower")
+    for (r, c), value in np.ndenumerate(surface):
+        ax.text(c, r, f"{value:.3f}", ha="center", va="center", fontsize=9,
+                color="white" if value < (low + high) / 2 else "black")
+    ax.set_xticks(range(len(ALPHAS)), [f"{a:g}" for a in ALPHAS])
+    ax.set_yticks(range(len(PRETRAIN_DAMPINGS)), [f"{d:g}" for d in PRETRAIN_DAMPINGS])
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("pretrain_damping")
+    ax.set_title(f'hessian="{hessian}"')
+fig.colorbar(image, ax=axes, label="mean CV Spearman vs leave-one-out")
+fig.suptitle(f"Faithfulness of multi-stage influence (Case 2, digits); trained with "
+             f"pretrain_damping={PRETRAIN_DAMPING:g}, alpha={ALPHA:g}")
+fig.savefig(OUT, dpi=110)
+print(f"wrote {OUT}; total {time.perf_counter() - start:.1f} s")

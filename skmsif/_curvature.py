@@ -7,7 +7,7 @@ module, so the user's module is never touched. Derivatives (``torch.func``):
   several vectors with ``vmap``;
 * ``per_example_grads``: gradients of each example's loss alone (``vmap(grad)``);
 * ``directional``: the derivative of every per-example loss along a few vectors, one
-  forward-mode pass (``jvp``), no per-example gradient stored (MATH.md, "The cost floor").
+  forward-mode pass (``jvp``), no per-example gradient stored (``doc/guide/cases.md``, step 4).
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""The multi-stage influence estimator (Chen et al., Sec. 3; ``shared/design/MATH.md``)."""
+"""The multi-stage influence estimator (Chen et al., Sec. 3; notation in ``doc/guide/cases.md``)."""
 
 import copy
 import functools
@@ -51,7 +51,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     alpha : float, default=0.01
         Proximity weight of Case 2; must be > 0 when ``embedding="updated"``. Unused for
         ``"fixed"``.
-    hessian : {"auto", "exact", "cg", "identity"}, default="auto"
+    hessian : {"auto", "exact", "cg", "lowrank", "identity"}, default="auto"
         How ``(Hessian + damping * I) x = b`` is solved. ``"exact"``: a dense Hessian in
         float64 and its eigendecomposition, computed once in ``fit``; refused when
         ``3 p^2`` float64 numbers exceed ``exact_max_memory``. ``"cg"``: Krylov iterations
@@ -138,7 +138,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
     Notes
     -----
-    The order of operations never solves once per pretrain example (MATH.md). For the
+    The order of operations never solves once per pretrain example. For the
     test gradients (one row per test point in ``influence``, their sum in ``score``):
 
     1. Case 1: ``v1 = (H_ThetaTheta + d_f I)^-1 grad_Theta f(x_t)`` and

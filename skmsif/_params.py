@@ -1,6 +1,6 @@
 """Which parameters are shared between the two models, and flat views of them.
 
-Notation follows ``shared/design/MATH.md``: ``W`` are the parameters the pretrain and the
+Notation follows ``doc/guide/influence.md``: ``W`` are the parameters the pretrain and the
 finetune model share (the embedding), ``U`` the pretrain-only head, ``Theta`` the
 finetune-only head.
 """

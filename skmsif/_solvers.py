@@ -1,9 +1,10 @@
 """Solvers for ``(H + diag(shift)) x = b``; every one answers ``solve(rhs)``.
 
 ``H`` is a Hessian (possibly indefinite: trained networks are rarely at an exact minimum)
-and ``shift`` the damping, plus ``2 alpha`` on the shared block in Case 2 (MATH.md). The
-shift is added here and nowhere else. ``rhs`` holds one right-hand side per row; the
-iterative solvers advance all rows together, so each iteration costs one batched
+and ``shift`` the damping, plus ``2 alpha`` on the shared block in Case 2
+(``doc/guide/cases.md``). The shift is added here and nowhere else. ``rhs`` holds one
+right-hand side per row; the iterative solvers advance all rows together, so each
+iteration costs one batched
 Hessian-vector product (``hvp`` maps ``(k, p)`` to ``(k, p)``). Everything stays in torch,
 on the estimator's device.
 """

@@ -43,13 +43,23 @@ class IdentityHessianBaseline(BaseEstimator):
     Parameters
     ----------
     embedding : {"fixed", "updated"}, default="fixed"
+        ``"fixed"`` (paper Case 1): the shared parameters ``W`` were frozen during
+        finetuning; ``"updated"`` (Case 2): ``W`` was trained too, pulled towards its
+        pretrained value by ``alpha * ||W - W_pretrained||^2``.
     alpha : float, default=0.01
+        Proximity weight of Case 2; must be > 0 when ``embedding="updated"``.
     shared : None, str or list of str, default=None
+        Which parameters are ``W``: ``None`` for those that are the same
+        ``torch.nn.Parameter`` objects in both models, or name prefixes (Case 2).
     pretrain_loss, finetune_loss : {"cross_entropy", "mse"} or callable, \
             default="cross_entropy"
+        Per-example loss of each stage.
     batch_size : int, default=256
+        Examples per batch in every pass over data.
     dtype : {"float64", "float32"}, default="float64"
+        Precision of all computations.
     device : str or torch.device, default="cpu"
+        Where computations run, for example ``"cuda"``.
 
     Attributes
     ----------
@@ -87,19 +97,59 @@ class IdentityHessianBaseline(BaseEstimator):
         self.device = device
 
     def fit(self, pretrain_model, finetune_model, Z, X):
-        """Fit the identity-Hessian estimator; returns ``self``."""
+        """Fit the identity-Hessian estimator.
+
+        Parameters
+        ----------
+        pretrain_model : torch.nn.Module
+            The pretrained model, ``(W, U)`` at its trained values.
+        finetune_model : torch.nn.Module
+            The finetuned model, ``(W, Theta)`` at its trained values.
+        Z : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            The pretrain data the pretrain model was trained on (``m`` examples).
+        X : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            The finetune training data.
+
+        Returns
+        -------
+        self : IdentityHessianBaseline
+            Fitted.
+        """
         self.estimator_ = MultiStageInfluenceEstimator(hessian="identity", **self.get_params())
         self.estimator_.fit(pretrain_model, finetune_model, Z, X)
         self.n_pretrain_ = self.estimator_.n_pretrain_
         return self
 
     def influence(self, x_test):
-        """``(n_test, m)`` identity-Hessian influence; positive means harmful."""
+        """Identity-Hessian influence of every pretrain example on every test point.
+
+        Parameters
+        ----------
+        x_test : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            Test points of the finetune task.
+
+        Returns
+        -------
+        influence : ndarray of shape (n_test, m)
+            The identity-Hessian influence; positive means harmful.
+        """
         check_is_fitted(self)
         return self.estimator_.influence(x_test)
 
     def score(self, x_test):
-        """``(m,)`` identity-Hessian influence summed over ``x_test``."""
+        """Identity-Hessian influence of every pretrain example summed over ``x_test``.
+
+        Parameters
+        ----------
+        x_test : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            Test points of the finetune task.
+
+        Returns
+        -------
+        scores : ndarray of shape (m,)
+            The identity-Hessian influence summed over ``x_test``; positive means
+            harmful.
+        """
         check_is_fitted(self)
         return self.estimator_.score(x_test)
 
@@ -116,13 +166,16 @@ class PretrainLossBaseline(BaseEstimator):
     pretrain_loss : {"cross_entropy", "mse"} or callable, default="cross_entropy"
         Per-example loss, as in the estimator.
     batch_size : int, default=256
+        Examples per forward pass.
     dtype : {"float64", "float32"}, default="float64"
+        Precision the losses are computed in (on a copy of the model).
 
     Attributes
     ----------
     losses_ : ndarray of shape (m,)
         The pretrain loss of every example.
     n_pretrain_ : int
+        Number of pretrain examples ``m``.
 
     Examples
     --------
@@ -148,7 +201,29 @@ class PretrainLossBaseline(BaseEstimator):
         self.dtype = dtype
 
     def fit(self, pretrain_model, finetune_model, Z, X=None):
-        """Compute the pretrain losses; ``finetune_model`` and ``X`` are ignored."""
+        """Compute the pretrain losses; ``finetune_model`` and ``X`` are ignored.
+
+        Parameters
+        ----------
+        pretrain_model : torch.nn.Module
+            The pretrained model, evaluated on a copy in eval mode.
+        finetune_model : object
+            Ignored; present for the estimator's interface.
+        Z : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            The pretrain data (``m`` examples).
+        X : object, default=None
+            Ignored; present for the estimator's interface.
+
+        Returns
+        -------
+        self : PretrainLossBaseline
+            Fitted.
+
+        Raises
+        ------
+        TypeError
+            When ``pretrain_model`` is not a ``torch.nn.Module``.
+        """
         self._validate_params()
         if not isinstance(pretrain_model, torch.nn.Module):
             raise TypeError(
@@ -168,7 +243,18 @@ class PretrainLossBaseline(BaseEstimator):
         return self
 
     def score(self, x_test=None):
-        """The pretrain losses, shape ``(m,)`` (``x_test`` is ignored)."""
+        """Return the pretrain losses, shape ``(m,)`` (``x_test`` is ignored).
+
+        Parameters
+        ----------
+        x_test : object, default=None
+            Ignored; the score does not depend on the test points.
+
+        Returns
+        -------
+        scores : ndarray of shape (m,)
+            A copy of ``losses_``; larger means more harmful.
+        """
         check_is_fitted(self)
         return self.losses_.copy()
 
@@ -184,7 +270,9 @@ class RandomBaseline(BaseEstimator):
     Attributes
     ----------
     scores_ : ndarray of shape (m,)
+        The random scores, one per pretrain example.
     n_pretrain_ : int
+        Number of pretrain examples ``m``.
 
     Examples
     --------
@@ -201,7 +289,24 @@ class RandomBaseline(BaseEstimator):
         self.random_state = random_state
 
     def fit(self, pretrain_model, finetune_model, Z, X=None):
-        """Draw one score per example of ``Z``; the models and ``X`` are ignored."""
+        """Draw one score per example of ``Z``; the models and ``X`` are ignored.
+
+        Parameters
+        ----------
+        pretrain_model : object
+            Ignored; present for the estimator's interface.
+        finetune_model : object
+            Ignored; present for the estimator's interface.
+        Z : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+            The pretrain data; only its length is used.
+        X : object, default=None
+            Ignored; present for the estimator's interface.
+
+        Returns
+        -------
+        self : RandomBaseline
+            Fitted.
+        """
         self._validate_params()
         self.n_pretrain_ = len(as_data(Z, "Z", torch.float64))
         rng = check_random_state(self.random_state)
@@ -209,6 +314,17 @@ class RandomBaseline(BaseEstimator):
         return self
 
     def score(self, x_test=None):
-        """The random scores, shape ``(m,)`` (``x_test`` is ignored)."""
+        """Return the random scores, shape ``(m,)`` (``x_test`` is ignored).
+
+        Parameters
+        ----------
+        x_test : object, default=None
+            Ignored; the scores are drawn once, in ``fit``.
+
+        Returns
+        -------
+        scores : ndarray of shape (m,)
+            A copy of ``scores_``.
+        """
         check_is_fitted(self)
         return np.array(self.scores_)

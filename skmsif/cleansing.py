@@ -19,12 +19,15 @@ embedding ``Linear(64, hidden) + Tanh`` kept fixed (Case 1), see
 Every stage is trained to convergence with full-batch L-BFGS on a deterministic objective
 (turn-over masks are fixed per example, so even the turn-over objective is
 deterministic); the only randomness is the data split and the initialisation, both drawn
-from the seed. Sign convention: ``shared/design/MATH.md``; a method's "predicted change"
+from the seed. Sign convention: ``doc/guide/influence.md``; a method's "predicted change"
 is ``-scores / m`` for both estimators.
 
-Run from the repository root::
+Each function returns its numbers; the command line (:func:`main`, not part of the Python
+API) runs them, prints Markdown tables, and can save the figures and a JSON of the
+numbers. Run from the repository root::
 
     python -m skmsif.cleansing --size full --out-dir doc/figures
+    python -m skmsif.cleansing --size tiny --seeds 1 --n-jobs 1  # a smoke run
 """
 
 import argparse
@@ -42,14 +45,15 @@ from ._estimator import MultiStageInfluenceEstimator
 from .turnover import TurnOverDropout, TurnOverDropoutEstimator, train_turnover, turnover_mask
 from .validation import audit_indices, faithfulness, leave_one_out
 
-__all__ = ["SIZES", "faithfulness_comparison", "cleansing_experiment", "accuracy_cost",
-           "main"]
+# ``main`` is the command-line entry point (``python -m skmsif.cleansing``), not part of
+# the Python API; it stays importable.
+__all__ = ["SIZES", "faithfulness_comparison", "cleansing_experiment", "accuracy_cost"]
 
 PRETRAIN_DAMPING = 1e-2  # L2 weight of pretraining == the estimator's pretrain damping
 FINETUNE_DAMPING = 1e-3  # L2 weight of the finetune head == the finetune damping
 MASK_SEED = 0  # mask family of the turn-over embedding
 
-# "tiny" is a smoke run (seconds; used by the tests); "full" is what doc/turnover.md
+# "tiny" is a smoke run (seconds; used by the tests); "full" is what doc/guide/turnover.md
 # reports (minutes on 2 CPU cores).
 SIZES = {
     "tiny": {"hidden": 8, "n_pretrain": 120, "n_finetune": 90, "n_test": 90,
@@ -100,9 +104,24 @@ def make_turnover_mlp(hidden=16, *, seed=0, mask_seed=MASK_SEED):
     acts on the hidden units after the activation, as standard dropout does. Both models
     share it; the initial weights equal those of ``make_digits_mlp(hidden, seed=seed)``.
 
+    Parameters
+    ----------
+    hidden : int, default=16
+        Number of hidden units of the embedding.
+    seed : int, default=0
+        Seeds the initial weights, as in :func:`skmsif.datasets.make_digits_mlp`.
+    mask_seed : int, default=MASK_SEED
+        Mask family of the turn-over embedding (see
+        :class:`~skmsif.turnover.TurnOverDropout`).
+
     Returns
     -------
-    embedding, pretrain_model, finetune_model : torch.nn.Module
+    embedding : skmsif.turnover.TurnOverDropout
+        The shared embedding under turn-over masks.
+    pretrain_model : torch.nn.Sequential
+        The embedding followed by the pretrain head (digits 0-3).
+    finetune_model : torch.nn.Sequential
+        The same embedding object followed by the finetune head (digits 4-9).
     """
     plain, pretrain_plain, finetune_plain = datasets.make_digits_mlp(hidden, seed=seed)
     embedding = TurnOverDropout(plain, seed=mask_seed)
@@ -185,6 +204,7 @@ def faithfulness_comparison(size="full", random_state=0, n_jobs=2, verbose=0):
     n_jobs : int, default=2
         Parallel leave-one-out retrains.
     verbose : int, default=0
+        Verbosity of the leave-one-out retrains (progress bar when positive).
 
     Returns
     -------
@@ -194,6 +214,22 @@ def faithfulness_comparison(size="full", random_state=0, n_jobs=2, verbose=0):
         wall-clock), ``train_s`` (training both stages), ``ground_truth``);
         ``predicted`` and ``actual`` arrays for plotting; ``mask_r2``; ``m``;
         ``loo_s``, the wall-clock of the leave-one-out retrains.
+
+    See Also
+    --------
+    skmsif.validation.leave_one_out : The retrained ground truth.
+    skmsif.validation.faithfulness : The correlations of each row.
+
+    Examples
+    --------
+    >>> from skmsif.cleansing import faithfulness_comparison
+    >>> result = faithfulness_comparison(size="tiny", random_state=0, n_jobs=1)
+    >>> [row["method"] for row in result.rows]
+    ['multi-stage influence (exact)', 'turn-over dropout']
+    >>> result.m, result.actual.shape
+    (120, (12,))
+    >>> bool(result.rows[0]["pearson_all"] > 0.5)
+    True
     """
     cfg = SIZES[size]
     seed = int(random_state)
@@ -292,7 +328,9 @@ def cleansing_experiment(size="full", seeds=None, fraction=0.01):
     Parameters
     ----------
     size : {"tiny", "full"}, default="full"
+        See :data:`SIZES`.
     seeds : sequence of int, default=None
+        Seeds of the data split and the initialisation, one run each;
         ``None``: ``range(SIZES[size]["n_seeds"])``.
     fraction : float, default=0.01
         Fraction of the pretrain examples removed.
@@ -303,6 +341,19 @@ def cleansing_experiment(size="full", seeds=None, fraction=0.01):
         ``per_seed``: dict of method to arrays ``accuracy`` and ``loss`` (one per seed);
         ``summary``: method to ``(mean, std)`` of accuracy and loss, and of the paired
         difference to no removal; ``n_removed``; ``seeds``; ``elapsed_s``.
+
+    Examples
+    --------
+    >>> from skmsif.cleansing import cleansing_experiment
+    >>> result = cleansing_experiment(size="tiny", seeds=[0])
+    >>> list(result.summary)
+    ['no removal', 'random removal', 'multi-stage influence', 'turn-over dropout']
+    >>> result.n_removed, result.seeds
+    (2, [0])
+    >>> result.per_seed["turn-over dropout"]["accuracy"].shape
+    (1,)
+    >>> result.summary["no removal"]["accuracy_change"]
+    (0.0, 0.0)
     """
     cfg = SIZES[size]
     seeds = list(range(cfg["n_seeds"])) if seeds is None else [int(s) for s in seeds]
@@ -366,8 +417,35 @@ def accuracy_cost(size="full", seeds=None):
       with the head finetuned through turn-over masks.
 
     Turn-over models are evaluated as the full network (no mask), as dropout is at test
-    time. Returns a Bunch: ``rows`` (dicts of ``setting``, ``hidden``, ``model``,
-    ``accuracy``/``loss`` as ``(mean, std)`` over seeds), ``seeds``, ``elapsed_s``.
+    time.
+
+    Parameters
+    ----------
+    size : {"tiny", "full"}, default="full"
+        See :data:`SIZES`; its ``accuracy_hidden`` gives the widths ``hidden``.
+    seeds : sequence of int, default=None
+        Seeds of the data split and the initialisation, one run each;
+        ``None``: ``range(SIZES[size]["n_seeds"])``.
+
+    Returns
+    -------
+    result : sklearn.utils.Bunch
+        ``rows``: list of dicts of ``setting``, ``hidden``, ``model``, and
+        ``accuracy``/``loss`` as ``(mean, std)`` over seeds; ``seeds``; ``elapsed_s``.
+
+    Examples
+    --------
+    >>> from skmsif.cleansing import accuracy_cost
+    >>> result = accuracy_cost(size="tiny", seeds=[0])
+    >>> for row in result.rows:
+    ...     print(row["hidden"], row["model"])
+    8 plain
+    8 turn-over
+    8 plain
+    8 turn-over, head on full embedding
+    8 turn-over, head through masks
+    >>> bool(min(row["accuracy"][0] for row in result.rows[:2]) > 0.8)
+    True
     """
     cfg = SIZES[size]
     seeds = list(range(cfg["n_seeds"])) if seeds is None else [int(s) for s in seeds]
@@ -518,7 +596,24 @@ def _plot(out_dir, faith=None, cleansing=None, cost=None):
 
 
 def main(argv=None):
-    """Command line: ``python -m skmsif.cleansing --size full --out-dir doc/figures``."""
+    """Run the experiments from the command line and print their tables.
+
+    The entry point of ``python -m skmsif.cleansing`` (for example
+    ``python -m skmsif.cleansing --size full --out-dir doc/figures``); ``--help`` lists
+    the options. Not part of the Python API: call :func:`faithfulness_comparison`,
+    :func:`cleansing_experiment` and :func:`accuracy_cost` instead.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        Command-line arguments; ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    report : dict
+        The numbers of each experiment run, keyed by ``"faithfulness"``,
+        ``"cleansing"`` and ``"accuracy"`` (what ``--json`` writes).
+    """
     parser = argparse.ArgumentParser(
         description="Turn-over dropout vs the multi-stage influence function on digits.")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")

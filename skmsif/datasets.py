@@ -15,7 +15,7 @@ plus ``(damping / 2) ||params||^2``, plus ``alpha ||W - W_bar||^2`` for the ``an
 (Case 2's finetune stage). Training with ``damping`` equal to the estimator's damping
 makes the damped Hessians the estimator inverts the true Hessians of what was minimised.
 
-Notation: ``shared/design/MATH.md``. ``Z`` is the pretrain data, ``X`` the finetune data,
+Notation: ``doc/guide/influence.md``. ``Z`` is the pretrain data, ``X`` the finetune data,
 ``x_test`` finetune test points; each is an ``(inputs, targets)`` pair of numpy arrays.
 """
 
@@ -72,7 +72,7 @@ def _pair(inputs, targets):
 def load_digits_split(random_state=0, *, test_size=0.5, pretrain_classes=PRETRAIN_CLASSES,
                       finetune_classes=FINETUNE_CLASSES, n_pretrain=None, n_finetune=None,
                       n_test=None, pretrain_holdout=0.0):
-    """scikit-learn's 8x8 digits as a pretrain task and a finetune task.
+    """Load scikit-learn's 8x8 digits as a pretrain task and a finetune task.
 
     Pixels are divided by 16 (to [0, 1]). The pretrain set ``Z`` holds the digits of
     ``pretrain_classes`` (labelled ``0, 1, ...`` in that order); the digits of
@@ -173,6 +173,33 @@ def fashion_mnist_available(path=FASHION_MNIST_PATH):
         needs_fashion_mnist = pytest.mark.skipif(
             not fashion_mnist_available(),
             reason="Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
+
+    Parameters
+    ----------
+    path : str or os.PathLike, default="/usr/share/datasets/fashion-mnist"
+        Folder that should hold ``train-images-idx3-ubyte.gz``,
+        ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz`` and
+        ``t10k-labels-idx1-ubyte.gz`` (where the Debian package ``dataset-fashion-mnist``
+        installs them).
+
+    Returns
+    -------
+    available : bool
+        True when all four files are there; their contents are not checked.
+
+    See Also
+    --------
+    load_fashion_mnist : Read the four files.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skmsif.datasets import fashion_mnist_available
+    >>> isinstance(fashion_mnist_available(), bool)  # True where the package is installed
+    True
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fashion_mnist_available(folder)
+    False
     """
     folder = Path(path)
     return all((folder / name).is_file()
@@ -219,6 +246,51 @@ def load_fashion_mnist(path=FASHION_MNIST_PATH):
     ------
     FileNotFoundError
         When a file is missing; the message names the package to install.
+    ValueError
+        When a file is not in the IDX format, or images and labels do not match.
+
+    See Also
+    --------
+    fashion_mnist_available : Whether the files are there.
+    fashion_mnist_split : The pretrain and finetune tasks of the paper's protocol.
+
+    Examples
+    --------
+    ``load_fashion_mnist()`` reads the real data set where the Debian package is
+    installed. Here it reads a tiny stand-in written in the same format: 20 training
+    and 10 test images of random pixels, labelled 0-9 in turn.
+
+    >>> import gzip
+    >>> import os
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from skmsif.datasets import fashion_mnist_available, load_fashion_mnist
+    >>> def write_idx(filename, array):
+    ...     # IDX header: two zero bytes, type 0x08 (uint8), number of dimensions, sizes
+    ...     header = bytes([0, 0, 0x08, array.ndim])
+    ...     header += b"".join(n.to_bytes(4, "big") for n in array.shape)
+    ...     with gzip.open(filename, "wb") as handle:
+    ...         handle.write(header + array.astype(np.uint8).tobytes())
+    >>> rng = np.random.RandomState(0)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for prefix, n in (("train", 20), ("t10k", 10)):
+    ...         write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"),
+    ...                   rng.randint(0, 256, size=(n, 28, 28)))
+    ...         write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"),
+    ...                   np.arange(n) % 10)
+    ...     available = fashion_mnist_available(folder)
+    ...     data = load_fashion_mnist(folder)
+    >>> available
+    True
+    >>> images, labels = data.train
+    >>> images.shape, images.dtype, labels.dtype
+    ((20, 1, 28, 28), dtype('float32'), dtype('int64'))
+    >>> bool(images.min() >= 0.0), bool(images.max() <= 1.0)
+    (True, True)
+    >>> data.test[1].tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    >>> data.classes[:3]
+    ('T-shirt/top', 'Trouser', 'Pullover')
     """
     folder = Path(path)
     parts = {}
@@ -250,14 +322,15 @@ def fashion_mnist_split(random_state=0, *, path=FASHION_MNIST_PATH, data=None,
     ----------
     random_state : int, RandomState instance or None, default=0
         Draws the subsamples.
-    path : str or os.PathLike
+    path : str or os.PathLike, default="/usr/share/datasets/fashion-mnist"
         Passed to :func:`load_fashion_mnist` when ``data`` is None.
-    data : Bunch, default=None
+    data : sklearn.utils.Bunch, default=None
         The output of :func:`load_fashion_mnist`, to avoid reading the files again.
     pretrain_classes, finetune_classes : sequence of int
         Class labels of each task.
     n_pretrain, n_finetune, n_test : int or None
-        Sizes of random subsamples of ``Z``, ``X`` and ``x_test`` (``None``: all).
+        Sizes of random subsamples of ``Z``, ``X`` and ``x_test`` (``None``: all). The
+        defaults are ``None``, 5000 and ``None``.
     n_holdout : int, default=0
         Training images of ``pretrain_classes`` kept out of ``Z`` (drawn first) and
         returned as ``Z_holdout``, with the test images of those classes as
@@ -269,6 +342,37 @@ def fashion_mnist_split(random_state=0, *, path=FASHION_MNIST_PATH, data=None,
         ``Z``, ``X``, ``x_test``, ``Z_holdout``, ``Z_holdout_test`` as ``(images,
         labels)`` pairs (float32 ``(n, 1, 28, 28)`` and int64); ``image_shape``
         ``(28, 28)``; ``pretrain_classes``, ``finetune_classes``; ``class_names``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``data`` is None and a file is missing from ``path``.
+
+    See Also
+    --------
+    load_fashion_mnist : The data set itself.
+    load_digits_split : The same two tasks on scikit-learn's 8x8 digits.
+
+    Examples
+    --------
+    ``fashion_mnist_split()`` reads the real data set where the Debian package is
+    installed. Here the split is made of a small synthetic stand-in for the output of
+    :func:`load_fashion_mnist`: 40 training and 20 test images, labelled 0-9 in turn.
+
+    >>> import numpy as np
+    >>> from sklearn.utils import Bunch
+    >>> from skmsif.datasets import FASHION_MNIST_CLASSES, fashion_mnist_split
+    >>> rng = np.random.RandomState(0)
+    >>> def fake(n):
+    ...     return rng.rand(n, 1, 28, 28).astype(np.float32), np.arange(n) % 10
+    >>> data = Bunch(train=fake(40), test=fake(20), classes=FASHION_MNIST_CLASSES)
+    >>> split = fashion_mnist_split(random_state=0, data=data, n_finetune=6, n_holdout=2)
+    >>> {name: len(split[name][1]) for name in ("Z", "Z_holdout", "X", "x_test")}
+    {'Z': 14, 'Z_holdout': 2, 'X': 6, 'x_test': 12}
+    >>> np.unique(split.Z[1]).tolist(), np.unique(split.x_test[1]).tolist()
+    ([0, 1, 2, 3], [0, 1, 2, 3, 4, 5])
+    >>> split.X[0].shape, split.X[0].dtype, split.finetune_classes
+    ((6, 1, 28, 28), dtype('float32'), (4, 5, 6, 7, 8, 9))
     """
     rng = check_random_state(random_state)
     data = load_fashion_mnist(path) if data is None else data
@@ -317,6 +421,7 @@ def make_digits_mlp(hidden=16, *, n_inputs=64, n_pretrain_classes=4, n_finetune_
     seed : int, default=0
         Seeds the initialisation (torch's global generator is left as it was).
     dtype : torch.dtype, default=torch.float64
+        Dtype of the parameters.
 
     Returns
     -------
@@ -324,6 +429,25 @@ def make_digits_mlp(hidden=16, *, n_inputs=64, n_pretrain_classes=4, n_finetune_
         ``pretrain_model = Sequential(embedding, head)`` and likewise ``finetune_model``;
         both hold the *same* embedding object (Case 1). For Case 2 give the finetune
         model a deep copy: ``Sequential(copy.deepcopy(embedding), finetune_model[1])``.
+
+    See Also
+    --------
+    load_digits_split : The data these models are for.
+
+    Examples
+    --------
+    >>> import copy
+    >>> import torch
+    >>> from skmsif.datasets import make_digits_mlp
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(hidden=8, seed=0)
+    >>> inputs = torch.zeros(5, 64, dtype=torch.float64)
+    >>> pretrain_model(inputs).shape, finetune_model(inputs).shape
+    (torch.Size([5, 4]), torch.Size([5, 6]))
+    >>> finetune_model[0] is embedding, embedding[0].weight.dtype
+    (True, torch.float64)
+    >>> case2_model = torch.nn.Sequential(copy.deepcopy(embedding), finetune_model[1])
+    >>> case2_model[0] is embedding
+    False
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -352,6 +476,7 @@ def make_mnist_cnn(n_pretrain_classes=4, n_finetune_classes=6, seed=0, *,
     seed : int, default=0
         Seeds the initialisation (torch's global generator is left as it was).
     dtype : torch.dtype, default=torch.float32
+        Dtype of the parameters.
 
     Returns
     -------
@@ -427,6 +552,8 @@ def fit_lbfgs(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
     model : torch.nn.Module
         Trained in place.
     data : (inputs, targets) pair of arrays or tensors
+        The stage's training data: inputs of ``model`` and integer class labels (the
+        loss is the cross-entropy).
     params : list of torch.nn.Parameter, default=None
         The parameters to train (``None``: all of ``model``'s); the others are frozen
         (``requires_grad=False``).
@@ -448,6 +575,26 @@ def fit_lbfgs(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
     info : dict
         ``objective``, ``grad_max`` (largest absolute gradient entry at the end),
         ``n_iter``, ``converged`` (``grad_max <= tol``).
+
+    See Also
+    --------
+    fit_adam : The paper's fixed-step recipe instead of a tight minimum.
+
+    Examples
+    --------
+    Pretrain a small MLP on the digits 0-3, then finetune its head alone on the digits
+    4-9 (Case 1: the embedding is frozen):
+
+    >>> from skmsif.datasets import accuracy, fit_lbfgs, load_digits_split, make_digits_mlp
+    >>> data = load_digits_split(random_state=0, n_pretrain=60, n_finetune=40)
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(hidden=4, seed=0)
+    >>> info = fit_lbfgs(pretrain_model, data.Z, damping=1e-3)
+    >>> info["converged"], round(info["objective"], 3), accuracy(pretrain_model, data.Z)
+    (True, 0.036, 1.0)
+    >>> head = list(finetune_model[1].parameters())
+    >>> info = fit_lbfgs(finetune_model, data.X, params=head, damping=1e-3)
+    >>> info["converged"], embedding[0].weight.requires_grad
+    (True, False)
     """
     model.eval()
     params, anchors = _prepare(model, params, anchors)
@@ -478,17 +625,44 @@ def fit_adam(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
     model : torch.nn.Module
         Trained in place (eval mode: no dropout, frozen batch-norm statistics).
     data : (inputs, targets) pair of arrays or tensors
-    params, damping, anchors, alpha
-        As in :func:`fit_lbfgs`.
+        The stage's training data: inputs of ``model`` and integer class labels (the
+        loss is the cross-entropy).
+    params : list of torch.nn.Parameter, default=None
+        As in :func:`fit_lbfgs`: the parameters to train (``None``: all of ``model``'s);
+        the others are frozen.
+    damping : float, default=0.0
+        As in :func:`fit_lbfgs`: the L2 weight.
+    anchors : list of (torch.nn.Parameter, torch.Tensor), default=None
+        As in :func:`fit_lbfgs`: Case 2's proximity term.
+    alpha : float, default=0.0
+        As in :func:`fit_lbfgs`: the weight of the proximity term.
     n_steps : int, default=1000
+        Number of Adam steps (minibatches).
     batch_size : int, default=512
+        Examples per minibatch.
     lr : float, default=1e-3
+        Adam's learning rate.
     random_state : int, default=0
+        Seeds the shuffling of the epochs.
 
     Returns
     -------
     info : dict
         ``n_steps`` and ``last_loss`` (mean minibatch objective over the last 20 steps).
+
+    See Also
+    --------
+    fit_lbfgs : Minimise the full-batch objective to a tight gradient instead.
+
+    Examples
+    --------
+    >>> from skmsif.datasets import fit_adam, load_digits_split, make_digits_mlp, total_loss
+    >>> data = load_digits_split(random_state=0, n_pretrain=60)
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(hidden=4, seed=0)
+    >>> before = total_loss(pretrain_model, data.Z)
+    >>> info = fit_adam(pretrain_model, data.Z, n_steps=50, batch_size=16, lr=0.05)
+    >>> info["n_steps"], bool(total_loss(pretrain_model, data.Z) < before / 10)
+    (50, True)
     """
     model.eval()
     params, anchors = _prepare(model, params, anchors)
@@ -516,7 +690,41 @@ def fit_adam(model, data, *, params=None, damping=0.0, anchors=None, alpha=0.0,
 
 
 def total_loss(model, data, batch_size=1024):
-    """Summed cross-entropy of ``model`` (eval mode) over ``data``."""
+    """Summed cross-entropy of ``model`` (eval mode) over ``data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier; it is put in eval mode.
+    data : (inputs, targets) pair of arrays or tensors
+        Inputs of ``model`` and integer class labels.
+    batch_size : int, default=1024
+        Rows per forward pass (memory only).
+
+    Returns
+    -------
+    loss : float
+        The sum over the examples of ``data`` of their cross-entropy.
+
+    See Also
+    --------
+    per_example_loss : The cross-entropy of each example.
+
+    Examples
+    --------
+    With the head's weights and bias at zero, every one of the 4 classes gets the
+    probability 1/4, so each of the 10 examples has the loss ``log(4)``:
+
+    >>> import math
+    >>> import torch
+    >>> from skmsif.datasets import load_digits_split, make_digits_mlp, total_loss
+    >>> data = load_digits_split(random_state=0, n_pretrain=10)
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(seed=0)
+    >>> with torch.no_grad():
+    ...     _ = pretrain_model[1].weight.zero_(), pretrain_model[1].bias.zero_()
+    >>> round(total_loss(pretrain_model, data.Z), 4), round(10 * math.log(4), 4)
+    (13.8629, 13.8629)
+    """
     model.eval()
     inputs, targets = _tensors(data, model)
     with torch.no_grad():
@@ -526,7 +734,39 @@ def total_loss(model, data, batch_size=1024):
 
 
 def per_example_loss(model, data, batch_size=1024):
-    """Cross-entropy of every example of ``data``, shape ``(n,)`` numpy float64."""
+    """Cross-entropy of every example of ``data``, shape ``(n,)`` numpy float64.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier; it is put in eval mode.
+    data : (inputs, targets) pair of arrays or tensors
+        Inputs of ``model`` and integer class labels.
+    batch_size : int, default=1024
+        Rows per forward pass (memory only).
+
+    Returns
+    -------
+    losses : ndarray of shape (n,)
+        The cross-entropy of each example of ``data`` (float64), in order.
+
+    See Also
+    --------
+    total_loss : Their sum.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmsif.datasets import (load_digits_split, make_digits_mlp,
+    ...                              per_example_loss, total_loss)
+    >>> data = load_digits_split(random_state=0, n_pretrain=10)
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(seed=0)
+    >>> losses = per_example_loss(pretrain_model, data.Z)
+    >>> losses.shape, losses.dtype, bool((losses > 0).all())
+    ((10,), dtype('float64'), True)
+    >>> bool(np.isclose(losses.sum(), total_loss(pretrain_model, data.Z)))
+    True
+    """
     model.eval()
     inputs, targets = _tensors(data, model)
     with torch.no_grad():
@@ -536,7 +776,31 @@ def per_example_loss(model, data, batch_size=1024):
 
 
 def accuracy(model, data, batch_size=1024):
-    """Fraction of ``data`` that ``model`` (eval mode) classifies right."""
+    """Fraction of ``data`` that ``model`` (eval mode) classifies right.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A classifier; it is put in eval mode.
+    data : (inputs, targets) pair of arrays or tensors
+        Inputs of ``model`` and integer class labels.
+    batch_size : int, default=1024
+        Rows per forward pass (memory only).
+
+    Returns
+    -------
+    accuracy : float
+        In ``[0, 1]``: the fraction of examples whose largest output is at their label.
+
+    Examples
+    --------
+    >>> from skmsif.datasets import accuracy, fit_adam, load_digits_split, make_digits_mlp
+    >>> data = load_digits_split(random_state=0, n_pretrain=60)
+    >>> embedding, pretrain_model, finetune_model = make_digits_mlp(hidden=4, seed=0)
+    >>> info = fit_adam(pretrain_model, data.Z, n_steps=50, batch_size=16, lr=0.05)
+    >>> bool(accuracy(pretrain_model, data.Z) > 0.9)
+    True
+    """
     model.eval()
     inputs, targets = _tensors(data, model)
     with torch.no_grad():

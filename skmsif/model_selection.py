@@ -6,7 +6,7 @@ so it cannot be searched directly. :class:`AuditedInfluenceRegressor` is the thi
 that can: its samples are *audited pretrain examples* (their indices in ``Z``) and its
 targets the *true* change of the summed test loss when each is removed and both stages are
 retrained (:func:`skmsif.validation.leave_one_out`). It predicts that change from the
-influence scores (``-I(z) / m``, ``shared/design/MATH.md``) and scores itself by the
+influence scores (``-I(z) / m``, ``doc/guide/influence.md``) and scores itself by the
 Pearson or Spearman correlation of predicted and true changes, so that ``GridSearchCV``
 ranks settings by faithfulness, cross-validated over the audited examples::
 
@@ -56,6 +56,23 @@ def pearson_score(change, predicted_change):
     -------
     score : float
         In ``[-1, 1]``; NaN for fewer than two examples or a constant input.
+
+    See Also
+    --------
+    spearman_score : The rank correlation.
+    skmsif.validation.faithfulness : This and other metrics, also per group.
+
+    Examples
+    --------
+    >>> import math
+    >>> from skmsif.model_selection import pearson_score
+    >>> change = [0.05, 0.1, -0.15, 0.2]
+    >>> round(pearson_score(change, [0.1, 0.2, -0.3, 0.4]), 3)  # right up to a scale
+    1.0
+    >>> round(pearson_score(change, [0.1, 0.2, -0.3, 0.8]), 3)
+    0.946
+    >>> math.isnan(pearson_score(change, [0.1, 0.1, 0.1, 0.1]))
+    True
     """
     return faithfulness(predicted_change, change)["all"]["pearson"]
 
@@ -74,6 +91,23 @@ def spearman_score(change, predicted_change):
     -------
     score : float
         In ``[-1, 1]``; NaN for fewer than two examples or a constant input.
+
+    See Also
+    --------
+    pearson_score : The linear correlation.
+    skmsif.validation.faithfulness : This and other metrics, also per group.
+
+    Examples
+    --------
+    Only the ordering counts: a prediction in the right order scores 1 even where its
+    values are off.
+
+    >>> from skmsif.model_selection import spearman_score
+    >>> change = [0.05, 0.1, -0.15, 0.2]
+    >>> round(spearman_score(change, [0.1, 0.2, -0.3, 0.8]), 3)
+    1.0
+    >>> round(spearman_score(change, [0.4, 0.3, -0.1, 0.2]), 3)
+    0.2
     """
     return faithfulness(predicted_change, change)["all"]["spearman"]
 
@@ -96,6 +130,54 @@ def faithfulness_scorer(metric="spearman"):
         :func:`sklearn.metrics.make_scorer`. Pass a dict of them to score several
         metrics in one search, e.g. ``{m: faithfulness_scorer(m) for m in ("spearman",
         "pearson")}`` with ``refit="spearman"``.
+
+    Raises
+    ------
+    ValueError
+        When ``metric`` is neither ``"spearman"`` nor ``"pearson"``.
+
+    See Also
+    --------
+    AuditedInfluenceRegressor : The estimator such a scorer scores.
+
+    Examples
+    --------
+    Compare the exact backend with the identity baseline on six audited examples (their
+    true changes made up here), scored by both correlations and refitted by Spearman's:
+
+    >>> import numpy as np
+    >>> import torch
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> from torch import nn
+    >>> from skmsif import MultiStageInfluenceEstimator
+    >>> from skmsif.model_selection import (AuditedInfluenceRegressor,
+    ...                                     faithfulness_scorer, pearson_score)
+    >>> _ = torch.manual_seed(0)
+    >>> embedding = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    >>> pretrain_model = nn.Sequential(embedding, nn.Linear(4, 2))
+    >>> finetune_model = nn.Sequential(embedding, nn.Linear(4, 3))
+    >>> Z = (torch.randn(30, 3), torch.randint(0, 2, (30,)))
+    >>> X = (torch.randn(20, 3), torch.randint(0, 3, (20,)))
+    >>> x_test = (X[0][:5], X[1][:5])
+    >>> audited = np.arange(6)
+    >>> change = np.array([0.3, -0.1, 0.0, 0.2, -0.2, 0.1])
+    >>> search = GridSearchCV(
+    ...     AuditedInfluenceRegressor(MultiStageInfluenceEstimator(finetune_damping=1e-3)),
+    ...     {"estimator__hessian": ["exact", "identity"]},
+    ...     scoring={m: faithfulness_scorer(m) for m in ("spearman", "pearson")},
+    ...     refit="spearman", cv=2)
+    >>> _ = search.fit(audited, change, pretrain_model=pretrain_model,
+    ...                finetune_model=finetune_model, Z=Z, X_finetune=X, x_test=x_test)
+    >>> search.cv_results_["mean_test_spearman"].shape, list(search.best_params_)
+    ((2,), ['estimator__hessian'])
+
+    A scorer is called as ``scorer(estimator, indices, change)``:
+
+    >>> scorer = faithfulness_scorer("pearson")
+    >>> best = search.best_estimator_
+    >>> bool(np.isclose(scorer(best, audited, change),
+    ...                 pearson_score(change, best.predict(audited))))
+    True
     """
     if metric not in _METRICS:
         raise ValueError(f"metric must be 'spearman' or 'pearson'; got {metric!r}.")
@@ -309,8 +391,8 @@ class AuditedInfluenceRegressor(MetaEstimatorMixin, RegressorMixin, BaseEstimato
         Returns
         -------
         predicted_change : ndarray of shape (n,)
-            ``-scores_[indices] / n_pretrain_`` (MATH.md: removal is ``epsilon =
-            -1/m``).
+            ``-scores_[indices] / n_pretrain_`` (removal is upweighting by
+            ``epsilon = -1/m``).
         """
         check_is_fitted(self)
         indices = _check_indices(indices)

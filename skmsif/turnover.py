@@ -108,7 +108,7 @@ def turnover_mask(ids, n_units, *, seed=0, p=0.5, flipped=False, dtype=torch.flo
     flipped : bool, default=False
         Return the flipped mask ``m~(z)``, which keeps exactly the units ``m(z)`` drops.
     dtype : torch.dtype, default=torch.float64
-        dtype of the returned mask.
+        Data type (dtype) of the returned mask.
 
     Returns
     -------
@@ -219,6 +219,20 @@ class TurnOverDropout(nn.Module):
         self._flipped = False
 
     def forward(self, inputs):
+        """Apply the wrapped module, then the masks of the current ids (if any).
+
+        Parameters
+        ----------
+        inputs : torch.Tensor of shape (batch, ...)
+            Input of the wrapped module.
+
+        Returns
+        -------
+        outputs : torch.Tensor of shape (batch, units, ...)
+            Output of the wrapped module. Inside :func:`turnover_masks`, example ``k``'s
+            output is multiplied by the own (or flipped) mask of the ``k``-th id,
+            broadcast over trailing dimensions; outside it, the output is unchanged.
+        """
         outputs = self.module(inputs)
         if self._ids is None:
             return outputs
@@ -233,6 +247,13 @@ class TurnOverDropout(nn.Module):
         return outputs * mask
 
     def extra_repr(self):
+        """Describe the layer's mask settings in its ``repr``.
+
+        Returns
+        -------
+        extra : str
+            ``"seed=<seed>, p=<p>"``.
+        """
         return f"seed={self.seed}, p={self.p}"
 
 
@@ -257,6 +278,12 @@ def turnover_masks(model, ids, flipped=False):
         The example ids of the batch about to be passed through ``model``.
     flipped : bool, default=False
         Use the flipped sub-networks (those that never learned from these examples).
+
+    Yields
+    ------
+    model : torch.nn.Module
+        The same ``model``, its :class:`TurnOverDropout` layers set to the masks of
+        ``ids`` until the context exits.
 
     Examples
     --------
@@ -604,6 +631,7 @@ class TurnOverDropoutEstimator(BaseEstimator):
         Returns
         -------
         self : TurnOverDropoutEstimator
+            The fitted estimator.
         """
         start = time.perf_counter()
         self._validate_params()
@@ -753,6 +781,8 @@ class TurnOverDropoutEstimator(BaseEstimator):
         Returns
         -------
         self_influence : ndarray of shape (m,)
+            ``-m * (L(z; flipped mask of z) - L(z; own mask of z))`` for each training
+            example ``z``; negative means that ``z`` helps its own loss.
         """
         check_is_fitted(self)
         ids = torch.from_numpy(self.ids_)

@@ -6,7 +6,7 @@ the "real score" of the paper's Section 4.1. :func:`audit_indices` picks which e
 retrain for (the most influential ones plus a random control) and :func:`faithfulness`
 compares predicted and actual changes.
 
-Notation and sign follow ``shared/design/MATH.md``: ``Z`` (``m`` examples) and ``g`` are
+Notation and sign follow ``doc/guide/influence.md``: ``Z`` (``m`` examples) and ``g`` are
 the pretrain data and per-example loss, ``X`` and ``f`` the finetune ones, ``W`` the shared
 embedding, ``U`` the pretrain head and ``Theta`` the finetune head. Upweighting a pretrain
 example ``z`` by ``epsilon`` means minimising ``G + epsilon * g(z)``; removing it is
@@ -310,8 +310,8 @@ def leave_one_out(
     finetuned weights on the unchanged ``X``, and the summed finetune loss on ``x_test``
     is measured. The "with ``z_i``" reference goes through the very same retraining on
     the full ``Z`` (computed once and shared by all indices), so that what remains of
-    the training procedure cancels in the difference (paper Sec. 4.1, MATH.md
-    "Leave-one-out ground truth"). Compare with ``-I(z_i) / m`` of
+    the training procedure cancels in the difference (paper Sec. 4.1). Compare with
+    ``-I(z_i) / m`` of
     :class:`~skmsif.MultiStageInfluenceEstimator` (``score``), e.g. with
     :func:`faithfulness`.
 
@@ -456,7 +456,7 @@ def leave_one_out(
 
     * pretrain, over ``(W, U)``: ``(1/m) sum_j w_j g(z_j) + (d_p/2) ||(W, U)||^2``,
       i.e. ``G + epsilon g(z_i)`` plus the L2 term whose Hessian is the estimator's
-      damping. Removal keeps the normalisation ``1/m`` (MATH.md's ``epsilon = -1/m``);
+      damping. Removal keeps the normalisation ``1/m`` (removal is ``epsilon = -1/m``);
       without damping this has the same minimiser as the mean over the ``m - 1``
       remaining examples;
     * finetune, Case 1, over ``Theta``: ``F(W_bar, Theta) + (d_f/2) ||Theta||^2``;
@@ -719,8 +719,8 @@ def faithfulness(predicted, actual, *, groups=None):
     ----------
     predicted : array-like of shape (n,)
         Predicted change of the summed test loss on removing each example:
-        ``-scores[indices] / m`` for the estimator's ``score`` (MATH.md: removal is
-        ``epsilon = -1/m``). Not the raw scores, whose sign is the opposite.
+        ``-scores[indices] / m`` for the estimator's ``score`` (removal is upweighting
+        by ``epsilon = -1/m``). Not the raw scores, whose sign is the opposite.
     actual : array-like of shape (n,)
         The change from :func:`leave_one_out` for the same examples.
     groups : dict of str to array-like, default=None

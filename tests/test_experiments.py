@@ -2,7 +2,7 @@
 
 The tiny runs check that every figure runs end to end and that what it measures is
 consistent; ``test_digits_faithfulness_targets`` checks the faithfulness targets of
-``doc/results.md`` on the full digits set-up (converged recipe), against leave-one-out
+``doc/guide/results.md`` on the full digits set-up (converged recipe), against leave-one-out
 retraining (about a minute on 2 cores, in the default run).
 """
 
@@ -175,7 +175,7 @@ def test_fashion_mnist_tiny_runs(tiny_out):
 
 @pytest.mark.parametrize("case, target", [("fixed", 0.95), ("updated", 0.9)])
 def test_digits_faithfulness_targets(case, target, tmp_path):
-    """The targets of doc/results.md: converged recipe, top-30 + random-30 removals."""
+    """The targets of doc/guide/results.md: converged recipe, top-30 + random-30 removals."""
     figure = "fig2" if case == "fixed" else "fig5"
     result = run(figure, "digits", "full", tmp_path, n_jobs=2)
     metrics = result["metrics"]

@@ -386,6 +386,26 @@ def test_identity_matches_identity_formulas(untrained):
                                atol=1e-12 * np.abs(influence).max())
 
 
+def test_case2_tends_to_case1_as_alpha_grows():
+    """Case 2 with an infinitely stiff proximity term cannot move the embedding, so it is
+    Case 1: ``2 alpha [K^-1 grad f]_W -> grad_W f - H_WTheta H_ThetaTheta^-1 grad_Theta f``
+    (the error shrinks like 1 / alpha); as ``alpha -> 0`` the finetune stage forgets its
+    starting point and the influence vanishes (like alpha)."""
+    case1 = make_problem(1)
+    case2 = make_problem(2)  # the same weights, the embedding copied into the finetune model
+    settings = {"pretrain_damping": 0.1, "finetune_damping": 0.1}
+    fixed = _fit(case1, hessian="exact", **settings).score(case1["X_test"])
+    errors, norms = [], []
+    for alpha in (1e-4, 1e1, 1e3, 1e5):
+        updated = _fit(case2, hessian="exact", alpha=alpha, **settings).score(case2["X_test"])
+        errors.append(_relative_error(updated, fixed))
+        norms.append(np.linalg.norm(updated) / np.linalg.norm(fixed))
+    print(f"alpha 1e-4, 1e1, 1e3, 1e5: relative distance to case 1 {errors}, norm ratio {norms}")
+    assert norms[0] < 1e-2
+    assert errors[1] > errors[2] > errors[3]
+    assert errors[2] < 1e-2 and errors[3] < 1e-4
+
+
 INDEFINITE_SETTINGS = {"pretrain_damping": 1e-3, "finetune_damping": 1e-3, "alpha": 0.01}
 
 

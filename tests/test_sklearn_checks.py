@@ -5,7 +5,7 @@ array cannot apply: the estimator's ``fit(pretrain_model, finetune_model, Z, X)`
 models and two data sets, and ``AuditedInfluenceRegressor.fit`` needs those as fit
 parameters. They are listed in ``INAPPLICABLE`` with the reason (pytest shows them as
 xfail), and the properties they protect that still make sense are tested below with the
-real fit signature (and in ``test_persistence.py`` for pickling). ``doc/model_selection.md``
+real fit signature (and in ``test_persistence.py`` for pickling). ``doc/guide/design.md``
 has the same table.
 """
 
