@@ -67,8 +67,6 @@ anchors = [(p, p_bar.detach().clone())
            for p, p_bar in zip(finetune_updated[0].parameters(), embedding.parameters())]
 fit_lbfgs(finetune_updated, data.X, damping=FINETUNE_DAMPING, anchors=anchors,
           alpha=ALPHA)
-for module in (pretrain_model, finetune_fixed, finetune_updated):
-    module.requires_grad_(True)
 
 CASES = {
     "Case 1 (embedding fixed)": (finetune_fixed, {"embedding": "fixed"}),

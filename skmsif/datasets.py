@@ -518,6 +518,22 @@ def _tensors(data, model):
             torch.as_tensor(np.asarray(targets)).long())
 
 
+
+def _outputs(model, data, batch_size):
+    """Outputs of ``model`` in eval mode on ``data``, batch by batch, and the targets;
+    each module's train/eval mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        inputs, targets = _tensors(data, model)
+        with torch.no_grad():
+            outputs = torch.cat([model(inputs[s:s + batch_size])
+                                 for s in range(0, len(inputs), batch_size)])
+    finally:
+        for module, training in modes:
+            module.training = training
+    return outputs, targets
+
 def _regulariser(params, damping, anchors, alpha):
     value = 0.0
     if damping:
@@ -695,7 +711,7 @@ def total_loss(model, data, batch_size=1024):
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier; it is put in eval mode.
+        A classifier, evaluated in eval mode (its own mode is left as it was).
     data : (inputs, targets) pair of arrays or tensors
         Inputs of ``model`` and integer class labels.
     batch_size : int, default=1024
@@ -725,12 +741,8 @@ def total_loss(model, data, batch_size=1024):
     >>> round(total_loss(pretrain_model, data.Z), 4), round(10 * math.log(4), 4)
     (13.8629, 13.8629)
     """
-    model.eval()
-    inputs, targets = _tensors(data, model)
-    with torch.no_grad():
-        return float(sum(F.cross_entropy(model(inputs[s:s + batch_size]),
-                                         targets[s:s + batch_size], reduction="sum")
-                         for s in range(0, len(inputs), batch_size)))
+    outputs, targets = _outputs(model, data, batch_size)
+    return float(F.cross_entropy(outputs, targets, reduction="sum"))
 
 
 def per_example_loss(model, data, batch_size=1024):
@@ -739,7 +751,7 @@ def per_example_loss(model, data, batch_size=1024):
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier; it is put in eval mode.
+        A classifier, evaluated in eval mode (its own mode is left as it was).
     data : (inputs, targets) pair of arrays or tensors
         Inputs of ``model`` and integer class labels.
     batch_size : int, default=1024
@@ -767,12 +779,8 @@ def per_example_loss(model, data, batch_size=1024):
     >>> bool(np.isclose(losses.sum(), total_loss(pretrain_model, data.Z)))
     True
     """
-    model.eval()
-    inputs, targets = _tensors(data, model)
-    with torch.no_grad():
-        return torch.cat([F.cross_entropy(model(inputs[s:s + batch_size]),
-                                          targets[s:s + batch_size], reduction="none")
-                          for s in range(0, len(inputs), batch_size)]).double().numpy()
+    outputs, targets = _outputs(model, data, batch_size)
+    return F.cross_entropy(outputs, targets, reduction="none").double().numpy()
 
 
 def accuracy(model, data, batch_size=1024):
@@ -781,7 +789,7 @@ def accuracy(model, data, batch_size=1024):
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier; it is put in eval mode.
+        A classifier, evaluated in eval mode (its own mode is left as it was).
     data : (inputs, targets) pair of arrays or tensors
         Inputs of ``model`` and integer class labels.
     batch_size : int, default=1024
@@ -801,9 +809,5 @@ def accuracy(model, data, batch_size=1024):
     >>> bool(accuracy(pretrain_model, data.Z) > 0.9)
     True
     """
-    model.eval()
-    inputs, targets = _tensors(data, model)
-    with torch.no_grad():
-        predicted = torch.cat([model(inputs[s:s + batch_size]).argmax(1)
-                               for s in range(0, len(inputs), batch_size)])
-    return float((predicted == targets).double().mean())
+    outputs, targets = _outputs(model, data, batch_size)
+    return float((outputs.argmax(1) == targets).double().mean())

@@ -237,3 +237,28 @@ def test_fit_adam_is_seeded_and_lowers_the_loss(digits_small):
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_evaluation_helpers_agree_and_leave_the_mode_alone(digits_small):
+    """``total_loss``, ``per_example_loss`` and ``accuracy`` evaluate with dropout off
+    (batching does not matter) and leave every module's train/eval mode as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 4))
+    model.train()
+    model[1].eval()  # a mixed state, to be restored as is
+    modes = [m.training for m in model.modules()]
+    Z = digits_small.Z
+    losses = datasets.per_example_loss(model, Z, batch_size=7)
+    assert [m.training for m in model.modules()] == modes
+    total = datasets.total_loss(model, Z, batch_size=1024)
+    assert [m.training for m in model.modules()] == modes
+    share = datasets.accuracy(model, Z, batch_size=5)
+    assert [m.training for m in model.modules()] == modes
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(Z[0], dtype=torch.float32))
+    targets = torch.as_tensor(Z[1])
+    expected = F.cross_entropy(logits, targets, reduction="none")
+    np.testing.assert_allclose(losses, expected.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(total, float(expected.sum()), rtol=1e-5)
+    assert share == float((logits.argmax(1) == targets).double().mean())

@@ -2,7 +2,8 @@
 
 Every ``figN(dataset, size, out, ...)`` returns a dict of the numbers it measured (also
 written to ``out/figN-<dataset>-<size>.json``) and saves ``out/figN-<dataset>-<size>.png``.
-The documented entry point is :func:`skmsif.experiments.run`, which takes the name.
+The documented entry point is :func:`skmsif.experiments.run`, which takes the name and
+describes every figure.
 """
 
 import json
@@ -202,92 +203,19 @@ def correlation(name, dataset, size, out, case, highlight="multi-stage", n_jobs=
 
 
 def fig2(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
-    """Case 1 (embedding fixed): multi-stage influence vs leave-one-out (paper Fig. 2).
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Parallel leave-one-out retrains (joblib).
-    verbose : int, default=0
-        Verbosity of the leave-one-out retrains.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"metrics"``, ``"audit"``,
-        ``"leave_one_out"``, ... and the paths ``"png"`` and ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
-    """
+    """Case 1 (embedding fixed): multi-stage influence vs leave-one-out (paper Fig. 2)."""
     return correlation("fig2", dataset, size, out, "fixed", n_jobs=n_jobs, verbose=verbose)
 
 
 def fig4(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
-    """Case 1 with identity Hessians vs leave-one-out (paper Fig. 4).
-
-    The same removals as Fig. 2 (the retrains are cached in ``out/cache``).
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Parallel leave-one-out retrains (joblib).
-    verbose : int, default=0
-        Verbosity of the leave-one-out retrains.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"metrics"``, ``"audit"``,
-        ``"leave_one_out"``, ... and the paths ``"png"`` and ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
-    """
+    """Case 1 with identity Hessians vs leave-one-out (paper Fig. 4); same removals as
+    Fig. 2 (the retrains are cached in ``out/cache``)."""
     return correlation("fig4", dataset, size, out, "fixed", highlight="identity",
                        n_jobs=n_jobs, verbose=verbose)
 
 
 def fig5(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
-    """Case 2 (embedding updated, alpha proximity): influence vs leave-one-out (Fig. 5).
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Parallel leave-one-out retrains (joblib).
-    verbose : int, default=0
-        Verbosity of the leave-one-out retrains.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"metrics"``, ``"audit"``,
-        ``"leave_one_out"``, ... and the paths ``"png"`` and ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
-    """
+    """Case 2 (embedding updated, alpha proximity): influence vs leave-one-out (Fig. 5)."""
     return correlation("fig5", dataset, size, out, "updated", n_jobs=n_jobs, verbose=verbose)
 
 
@@ -309,30 +237,6 @@ def fig3(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
     Besides the images, measures whether the harmful examples are "low quality" as the
     paper says: their pretrain loss and how often the pretrained model misclassifies
     them, against the pretrain set as a whole.
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Ignored (no leave-one-out retrains); kept for a common signature.
-    verbose : int, default=0
-        Ignored; kept for a common signature.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"rows"`` (one per
-        explained test example), ``"quality"``, ... and the paths ``"png"`` and
-        ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
     """
     png, js = _paths(out, "fig3", dataset, size)
     prob = _setup.problem(dataset, size, "fixed", cache_dir=Path(out) / "cache")
@@ -460,34 +364,8 @@ def _influence_of(prob_like, case, cfg, recorder):
 
 
 def fig6(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
-    """Task similarity (paper Fig. 6): the pretrain task itself vs other classes.
-
-    Finetuning on the pretrain task itself (A) vs on other classes (B), embedding fixed;
-    mean ``|I|`` should be larger for A.
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Ignored (no leave-one-out retrains); kept for a common signature.
-    verbose : int, default=0
-        Ignored; kept for a common signature.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"tasks"`` (A and B),
-        ``"ratio_mean_abs"``, ... and the paths ``"png"`` and ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
-    """
+    """Task similarity (paper Fig. 6): finetuning on the pretrain task itself (A) vs on
+    other classes (B), embedding fixed; mean |I| should be larger for A."""
     png, js = _paths(out, "fig6", dataset, size)
     cfg = _setup.config(dataset, size)
     data, task_a, task_b = _task_data(dataset, size, cfg)
@@ -517,34 +395,8 @@ def fig6(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
 
 
 def fig7(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
-    """Finetune size (paper Fig. 7): 3x the finetune examples.
-
-    Model D has 3x model C's finetune examples (and 3x its training steps under the Adam
-    recipe), embedding updated; mean ``|I|`` should drop.
-
-    Parameters
-    ----------
-    dataset : {"digits", "fashion-mnist"}, default="digits"
-        The data set.
-    size : {"tiny", "full"}, default="full"
-        ``"tiny"``: a smoke run of seconds; ``"full"``: the reported set-up.
-    out : str or path-like, default="results"
-        Folder for the PNG, the JSON and the cache; created if missing.
-    n_jobs : int, default=None
-        Ignored (no leave-one-out retrains); kept for a common signature.
-    verbose : int, default=0
-        Ignored; kept for a common signature.
-
-    Returns
-    -------
-    result : dict
-        The numbers measured (also written to the JSON): ``"models"`` (C and D),
-        ``"ratio_mean_abs"``, ... and the paths ``"png"`` and ``"json"``.
-
-    See Also
-    --------
-    skmsif.experiments.run : Runs an experiment by name; documents each figure.
-    """
+    """Finetune size (paper Fig. 7): model D has 3x model C's finetune examples (and 3x
+    its training steps under the Adam recipe), embedding updated; mean |I| should drop."""
     png, js = _paths(out, "fig7", dataset, size)
     cfg = _setup.config(dataset, size)
     n_small = cfg["small_finetune"]
