@@ -3,6 +3,7 @@
 import torch
 
 from ._losses import check_losses, check_outputs
+from ._model import call_model, extract_outputs
 
 
 def check_module(model, name):
@@ -44,9 +45,10 @@ def probe_model(forward, data, loss, loss_name, model_name, batch_size, device,
 
     Parameters
     ----------
-    forward : callable
-        ``forward(inputs) -> outputs`` of the model under check.
-    data : TensorData
+    forward : torch.nn.Module or callable
+        The model under check (called as ``model(inputs)`` or ``model(**inputs)``), or a
+        callable ``forward(inputs) -> outputs``.
+    data : skmsif._data.DataSource
         The data set; its name is used in the messages.
     loss : str or callable
         The loss as the user gave it; a named loss has its output shape and labels
@@ -58,23 +60,42 @@ def probe_model(forward, data, loss, loss_name, model_name, batch_size, device,
     device : torch.device
     loss_fn : callable, default=None
         When given, the per-example losses of the batch are checked too.
+
+    Returns
+    -------
+    outputs : torch.Tensor
+        The outputs on the first batch.
     """
-    inputs, targets = next(data.batches(batch_size, device))
+    inputs, targets = data.first_batch(batch_size, device)
+    if isinstance(inputs, dict):
+        shapes = {key: tuple(value.shape[1:]) for key, value in inputs.items()}
+        described = f"keyword inputs {shapes}"
+    else:
+        described = (f"inputs of shape {tuple(inputs.shape[1:])} per example, dtype "
+                     f"{inputs.dtype}")
     try:
         with torch.no_grad():
-            outputs = forward(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if isinstance(forward, torch.nn.Module):
+                result = call_model(forward, inputs, model_name=model_name)
+            else:
+                result = extract_outputs(forward(inputs), model_name)
+    except TypeError as exc:
+        if "returned a" in str(exc):
+            raise
         raise ValueError(
-            f"{model_name} could not be evaluated on {data.name} (inputs of shape "
-            f"{tuple(inputs.shape[1:])} per example, dtype {inputs.dtype}): {exc}"
+            f"{model_name} could not be evaluated on {data.name} ({described}): {exc}"
         ) from exc
-    if not isinstance(outputs, torch.Tensor):
-        raise TypeError(
-            f"{model_name} must return a tensor of outputs; it returned "
-            f"{type(outputs).__name__}."
-        )
+    except (RuntimeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise ValueError(
+            f"{model_name} could not be evaluated on {data.name} ({described}): {exc}"
+        ) from exc
+    outputs = result
+    all_targets = getattr(data, "targets", None)
     if isinstance(loss, str):
-        check_outputs(outputs, data, loss, loss_name, model_name)
+        check_outputs(outputs, data, loss, loss_name, model_name,
+                      targets=all_targets if isinstance(all_targets, torch.Tensor)
+                      else targets)
     if loss_fn is not None:
         with torch.no_grad():
-            check_losses(loss_fn(outputs, targets), len(inputs), loss_name)
+            check_losses(loss_fn(outputs, targets), len(targets), loss_name)
+    return outputs

@@ -1,17 +1,25 @@
-"""A model's mean loss as a function of one flat parameter vector, and its derivatives.
+"""One stage's loss as a function of a flat parameter vector, and its curvature.
 
-Everything goes through :func:`torch.func.functional_call` on a private copy of the user's
-module, so the user's module is never touched. Derivatives (``torch.func``):
+:class:`Objective` is a model adapter (``skmsif._model``) restricted to some of its
+parameters (the "free" ones, flattened in a fixed order). Everything goes through
+:func:`torch.func.functional_call` on the adapter's private copy, so the user's module is
+never touched. Derivatives (``torch.func``):
 
-* ``hvp``: Hessian-vector products of the mean loss, forward-over-reverse, batched over
-  several vectors with ``vmap``;
 * ``per_example_grads``: gradients of each example's loss alone (``vmap(grad)``);
 * ``directional``: the derivative of every per-example loss along a few vectors, one
-  forward-mode pass (``jvp``), no per-example gradient stored (``doc/guide/cases.md``, step 4).
+  forward-mode pass (``jvp``), no per-example gradient stored (``doc/guide/cases.md``,
+  step 4);
+* ``curvature_product``: the Hessian (forward over reverse) or the Gauss-Newton matrix
+  ``J^T H_out J`` (``H_out`` the loss's Hessian with respect to the outputs) of the mean
+  loss, times a batch of vectors.
+
+:class:`CurvatureOperator` binds an objective to its data and a curvature: the linear
+operator every backend (``skmsif._backends``) solves with. It knows the parameter blocks
+(``W``, ``U``, ``Theta``) and, through the objective, the model's layers.
 """
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from ._losses import check_losses
 from ._params import flatten, unflatten
@@ -24,44 +32,43 @@ JVP_MAX_VECTORS = 8
 # activations per vector).
 HVP_MAX_VECTORS = 16
 
+CURVATURES = ("hessian", "gauss_newton")
+
+
+def _unsqueeze(inputs):
+    if isinstance(inputs, dict):
+        return {key: value.unsqueeze(0) for key, value in inputs.items()}
+    return inputs.unsqueeze(0)
+
 
 class Objective:
-    """Per-example losses of ``module`` as a function of the flat vector of ``free`` params.
+    """Per-example losses of one model as a function of the flat vector of ``free`` params.
 
     Parameters
     ----------
-    module : torch.nn.Module
-        A private copy of the user's model, in eval mode.
-    state : dict of str to torch.Tensor
-        Every parameter and buffer of ``module``, in the compute dtype and on the device.
+    adapter : skmsif._model.ModelAdapter
+        The model (a private copy) and its loss.
     free : list of str
         Names of the parameters the flat vector holds, in its order.
-    loss : callable
-        ``loss(outputs, targets) -> (n,)`` per-example losses.
-    loss_name : str
-        Argument name of the loss, for error messages.
+    state : dict of str to torch.Tensor, default=None
+        Values of every parameter and buffer; ``None``: the adapter's.
     """
 
-    def __init__(self, module, state, free, loss, loss_name):
-        self.module = module
-        self.state = state
+    def __init__(self, adapter, free, state=None):
+        self.adapter = adapter
+        self.module = adapter.module
+        self.state = dict(adapter.state if state is None else state)
         self.free = list(free)
-        self.shapes = [state[name].shape for name in self.free]
-        self.loss = loss
-        self.loss_name = loss_name
-        self.point = flatten([state[name] for name in self.free])
+        self.shapes = [self.state[name].shape for name in self.free]
+        self.loss_name = adapter.loss_name
+        self.point = flatten([self.state[name] for name in self.free])
         # vmap over tangent vectors batches the weights' tangents; for convolutions that
         # runs several times slower than one call per vector (measured on the paper's
         # CNN), for linear layers it is the faster way.
         self.vectorize = not any(isinstance(m, torch.nn.modules.conv._ConvNd)
-                                 for m in module.modules())
+                                 for m in self.module.modules())
 
-    def _map(self, function, vectors):
-        """``function`` applied to each row of ``vectors``, stacked."""
-        if self.vectorize:
-            return torch.cat([vmap(function)(vectors[start:start + HVP_MAX_VECTORS])
-                              for start in range(0, len(vectors), HVP_MAX_VECTORS)])
-        return torch.stack([function(vector) for vector in vectors])
+    # -------------------------------------------------------------- structure
 
     @property
     def n_params(self):
@@ -77,37 +84,110 @@ class Objective:
         return torch.cat([index[name] for name in names]) if names else torch.empty(
             0, dtype=torch.long)
 
-    def losses(self, flat, inputs, targets):
-        """Per-example losses of a batch at the parameters ``flat``."""
+    def with_point(self, flat):
+        """A copy of this objective at other values ``flat`` of the free parameters."""
         state = dict(self.state)
         state.update(zip(self.free, unflatten(flat, self.shapes)))
-        return self.loss(functional_call(self.module, state, (inputs,)), targets)
+        return Objective(self.adapter, self.free, state)
+
+    def _state_at(self, flat):
+        state = dict(self.state)
+        state.update(zip(self.free, unflatten(flat, self.shapes)))
+        return state
+
+    def _map(self, function, vectors):
+        """``function`` applied to each row of ``vectors``, stacked."""
+        if self.vectorize:
+            return torch.cat([vmap(function)(vectors[start:start + HVP_MAX_VECTORS])
+                              for start in range(0, len(vectors), HVP_MAX_VECTORS)])
+        return torch.stack([function(vector) for vector in vectors])
+
+    # -------------------------------------------------------------- values
+
+    def outputs(self, flat, inputs):
+        return self.adapter.outputs(self._state_at(flat), inputs)
+
+    def losses(self, flat, inputs, targets):
+        """Per-example losses of a batch at the parameters ``flat``."""
+        return self.adapter.losses(self._state_at(flat), inputs, targets)
 
     def _one_loss(self, flat, inputs, targets):
-        return self.losses(flat, inputs.unsqueeze(0), targets.unsqueeze(0)).sum()
+        return self.losses(flat, _unsqueeze(inputs), targets.unsqueeze(0)).sum()
 
     def check(self, data, batch_size, device):
         """Evaluate the first batch once and check the losses' shape and values."""
-        inputs, targets = next(data.batches(batch_size, device))
+        inputs, targets = data.first_batch(batch_size, device)
         with torch.no_grad():
-            check_losses(self.losses(self.point, inputs, targets), len(inputs),
+            check_losses(self.losses(self.point, inputs, targets), len(targets),
                          self.loss_name)
 
-    def hvp(self, vectors, data, batch_size, device, indices=None):
-        """Hessian of the mean loss over ``data`` times each row of ``vectors`` (k, p)."""
-        n = len(data) if indices is None else len(indices)
-        out = torch.zeros_like(vectors)
-        for inputs, targets in data.batches(batch_size, device, indices):
-            def batch_sum(flat, inputs=inputs, targets=targets):
+    def mean_gradient(self, data, batch_size, device):
+        """Gradient of the mean loss over ``data`` at the current point ``(p,)``."""
+        total = torch.zeros_like(self.point)
+        for inputs, targets in data.batches(batch_size, device):
+            total += grad(lambda flat: self.losses(flat, inputs, targets).sum())(self.point)
+        return total / len(data)
+
+    # -------------------------------------------------------------- curvature
+
+    def curvature_product(self, vectors, inputs, targets, curvature="hessian"):
+        """Summed over the batch: ``sum_i C_i v`` for each row ``v`` of ``vectors``.
+
+        ``C_i`` is the Hessian of example ``i``'s loss, or its Gauss-Newton matrix
+        ``J_i^T H_out,i J_i``.
+        """
+        if curvature == "hessian":
+            def batch_sum(flat):
                 return self.losses(flat, inputs, targets).sum()
 
             gradient = grad(batch_sum)
 
-            def one(vector, gradient=gradient):
+            def one(vector):
                 return jvp(gradient, (self.point,), (vector,))[1]
 
-            out += self._map(one, vectors)
+            return self._map(one, vectors)
+
+        def forward(flat):
+            return self.outputs(flat, inputs)
+
+        outputs, pullback = vjp(forward, self.point)
+        outputs = outputs.detach()
+
+        def one_gn(vector):
+            tangent = jvp(forward, (self.point,), (vector,))[1]
+            curved = self.adapter.output_hessian_product(outputs, targets, tangent)
+            return pullback(curved)[0]
+
+        return self._map(one_gn, vectors)
+
+    def curvature_vectors(self, vectors, data, batch_size, device, indices=None,
+                          curvature="hessian"):
+        """The curvature of the mean loss over ``data`` times each row of ``vectors``."""
+        n = len(data) if indices is None else len(indices)
+        out = torch.zeros_like(vectors)
+        for inputs, targets in data.batches(batch_size, device, indices):
+            out += self.curvature_product(vectors, inputs, targets, curvature)
         return out / n
+
+    def hvp(self, vectors, data, batch_size, device, indices=None):
+        """Hessian of the mean loss over ``data`` times each row of ``vectors`` (k, p)."""
+        return self.curvature_vectors(vectors, data, batch_size, device, indices,
+                                      "hessian")
+
+    def dense_hessian(self, data, batch_size, device, indices=None, verbose=0, chunk=64,
+                      curvature="hessian"):
+        """The dense curvature matrix of the mean loss, ``(p, p)``, from batched products."""
+        p = self.n_params
+        eye = torch.eye(p, dtype=self.point.dtype, device=self.point.device)
+        blocks = []
+        starts = range(0, p, chunk)
+        for start in progress(starts, verbose, len(starts), f"dense {curvature}"):
+            blocks.append(self.curvature_vectors(eye[start:start + chunk], data, batch_size,
+                                                 device, indices, curvature))
+        matrix = torch.cat(blocks)
+        return (matrix + matrix.T) / 2
+
+    # -------------------------------------------------------------- gradients
 
     def per_example_grads(self, inputs, targets):
         """Gradient of each example's own loss, ``(batch, p)``."""
@@ -115,15 +195,15 @@ class Objective:
 
     def gradient_rows(self, data, batch_size, device, summed):
         """Per-example gradients over ``data`` ``(n, p)``, or their sum ``(1, p)``."""
-        rows = []
-        for inputs, targets in data.batches(batch_size, device):
-            if summed:
-                rows.append(grad(lambda flat: self.losses(flat, inputs, targets).sum())(
-                    self.point)[None])
-            else:
-                rows.append(self.per_example_grads(inputs, targets))
-        stacked = torch.cat(rows)
-        return stacked.sum(0, keepdim=True) if summed else stacked
+        if summed:
+            total = torch.zeros(1, self.n_params, dtype=self.point.dtype,
+                                device=self.point.device)
+            for inputs, targets in data.batches(batch_size, device):
+                total += grad(lambda flat: self.losses(flat, inputs, targets).sum())(
+                    self.point)[None]
+            return total
+        return torch.cat([self.per_example_grads(inputs, targets)
+                          for inputs, targets in data.batches(batch_size, device)])
 
     def directional(self, vectors, data, batch_size, device, verbose=0):
         """Derivative of every example's loss along each row of ``vectors``: ``(k, n)``.
@@ -147,15 +227,59 @@ class Objective:
                 columns.append(vectors @ self.per_example_grads(inputs, targets).T)
         return torch.cat(columns, dim=1)
 
-    def dense_hessian(self, data, batch_size, device, indices=None, verbose=0,
-                      chunk=64):
-        """The dense Hessian of the mean loss, ``(p, p)``, from batched HVPs."""
-        p = self.n_params
-        eye = torch.eye(p, dtype=self.point.dtype, device=self.point.device)
-        blocks = []
-        starts = range(0, p, chunk)
-        for start in progress(starts, verbose, len(starts), "dense Hessian"):
-            blocks.append(self.hvp(eye[start:start + chunk], data, batch_size, device,
-                                   indices))
-        hessian = torch.cat(blocks)
-        return (hessian + hessian.T) / 2
+
+class CurvatureOperator:
+    """A stage's curvature on its data: the linear operator the backends solve with.
+
+    Parameters
+    ----------
+    objective : Objective
+        The stage's model, loss and free parameters.
+    data : skmsif._data.DataSource
+        The stage's data (the mean over it is taken).
+    curvature : {"hessian", "gauss_newton"}
+    batch_size : int
+    device : torch.device
+    indices : torch.Tensor or None
+        A subsample of ``data`` (``hessian_samples``).
+    blocks : dict of str to torch.Tensor
+        Named index sets of the flat vector (``"W"``, ``"U"``, ``"Theta"``).
+    name : str
+        ``"pretrain"`` or ``"finetune"``, for messages.
+    verbose : int
+    """
+
+    def __init__(self, objective, data, curvature, batch_size, device, indices=None,
+                 blocks=None, name="", verbose=0):
+        self.objective = objective
+        self.data = data
+        self.curvature = curvature
+        self.batch_size = batch_size
+        self.device = device
+        self.indices = indices
+        self.blocks = dict(blocks or {})
+        self.name = name
+        self.verbose = verbose
+
+    @property
+    def n_params(self):
+        return self.objective.n_params
+
+    @property
+    def n_examples(self):
+        return len(self.data) if self.indices is None else len(self.indices)
+
+    def matvec(self, vectors):
+        """The curvature times each row of ``vectors`` ``(k, p)``."""
+        return self.objective.curvature_vectors(vectors, self.data, self.batch_size,
+                                                self.device, self.indices, self.curvature)
+
+    def dense(self):
+        """The dense ``(p, p)`` curvature matrix."""
+        return self.objective.dense_hessian(self.data, self.batch_size, self.device,
+                                            self.indices, self.verbose,
+                                            curvature=self.curvature)
+
+    def batches(self):
+        """The operator's data batches on its device (a fresh iterator each call)."""
+        return self.data.batches(self.batch_size, self.device, self.indices)

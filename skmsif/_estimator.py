@@ -1,8 +1,5 @@
 """The multi-stage influence estimator (Chen et al., Sec. 3; notation in ``doc/guide/cases.md``)."""
 
-import copy
-import functools
-import hashlib
 import json
 import os
 from numbers import Integral, Real
@@ -17,13 +14,15 @@ from sklearn.utils.validation import check_is_fitted
 from torch.func import functional_call
 
 from ._adapters import transform_data, unwrap_model
+from ._backends import Backend, SolveSettings, backend_class
 from ._checks import check_finite_parameters, check_module, probe_model, resolve_device
-from ._curvature import Objective
-from ._data import TensorData, as_data
-from ._losses import LOSSES, resolve_loss
+from ._curvature import CURVATURES, CurvatureOperator, Objective
+from ._data import (LoaderSource, TensorSource, as_source, fingerprint_sources,
+                    new_hasher)
+from ._losses import LOSSES
+from ._model import ModelAdapter, private_copies
 from ._params import find_shared
 from ._progress import progress
-from ._solvers import ExactSolver, IdentitySolver, IterativeSolver, LowRankSolver
 
 # hessian="auto" picks "exact" when no Hessian to invert has more parameters than this.
 AUTO_EXACT_MAX_PARAMS = 2000
@@ -164,7 +163,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     >>> X = (torch.randn(20, 3, generator=gen), torch.randint(0, 3, (20,), generator=gen))
     >>> est = MultiStageInfluenceEstimator(hessian="exact", finetune_damping=1e-3)
     >>> est.fit(pretrain_model, finetune_model, Z, X).hessian_
-    'exact'
+    {'pretrain': 'exact', 'finetune': 'exact'}
     >>> x_test = (X[0][:5], X[1][:5])
     >>> est.influence(x_test).shape
     (5, 30)
@@ -175,12 +174,15 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     _parameter_constraints = {
         "embedding": [StrOptions({"fixed", "updated"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "hessian": [StrOptions({"auto", "exact", "cg", "identity", "lowrank"})],
+        "hessian": [StrOptions({"auto"} | set(Backend.registry))],
+        "finetune_hessian": [None, StrOptions({"auto"} | set(Backend.registry))],
+        "curvature": [StrOptions({"auto", *CURVATURES})],
         "pretrain_damping": [Interval(Real, 0, None, closed="left")],
         "finetune_damping": [Interval(Real, 0, None, closed="left")],
         "shared": [None, str, list, tuple],
         "pretrain_loss": [StrOptions(set(LOSSES)), callable],
         "finetune_loss": [StrOptions(set(LOSSES)), callable],
+        "label_key": [str],
         "hessian_samples": [None, Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -200,11 +202,15 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         embedding="fixed",
         alpha=0.01,
         hessian="auto",
+        *,
+        finetune_hessian=None,
+        curvature="auto",
         pretrain_damping=1e-2,
         finetune_damping=1e-8,
         shared=None,
         pretrain_loss="cross_entropy",
         finetune_loss="cross_entropy",
+        label_key="labels",
         hessian_samples=None,
         random_state=None,
         batch_size=256,
@@ -221,11 +227,14 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         self.embedding = embedding
         self.alpha = alpha
         self.hessian = hessian
+        self.finetune_hessian = finetune_hessian
+        self.curvature = curvature
         self.pretrain_damping = pretrain_damping
         self.finetune_damping = finetune_damping
         self.shared = shared
         self.pretrain_loss = pretrain_loss
         self.finetune_loss = finetune_loss
+        self.label_key = label_key
         self.hessian_samples = hessian_samples
         self.random_state = random_state
         self.batch_size = batch_size
@@ -250,180 +259,32 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             The pretrained model, ``(W, U)`` at its trained values.
         finetune_model : torch.nn.Module
             The finetuned model, ``(W, Theta)`` at its trained values.
-        Z : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
-            The pretrain data the pretrain model was trained on (``m`` examples).
-        X : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+        Z : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
+            The pretrain data the pretrain model was trained on (``m`` examples); read
+            batch by batch, never held whole (see :ref:`the data forms <data-forms>`).
+        X : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
             The finetune training data (``n`` examples).
 
         Returns
         -------
         self : MultiStageInfluenceEstimator
-            Fitted. With ``hessian="exact"`` the dense Hessians are built and decomposed
-            here; iterative solves happen in :meth:`influence` and :meth:`score`.
+            Fitted. Backends do their expensive work here (dense Hessians and their
+            eigendecompositions, Lanczos, Kronecker factors); iterative solves happen in
+            :meth:`influence` and :meth:`score`.
         """
         self._validate_params()
-        pretrain_model, pretrain_transform, pretrain_default_loss = unwrap_model(
-            pretrain_model, "pretrain_model")
-        finetune_model, finetune_transform, finetune_default_loss = unwrap_model(
-            finetune_model, "finetune_model")
-        check_module(pretrain_model, "pretrain_model")
-        check_module(finetune_model, "finetune_model")
-        Z = transform_data(Z, pretrain_transform, "Z")
-        X = transform_data(X, finetune_transform, "X")
-        self._finetune_transform = finetune_transform
-        if self.embedding == "updated" and self.alpha <= 0:
-            raise ValueError(
-                f"embedding='updated' needs alpha > 0 (the weight of the proximity term "
-                f"alpha * ||W - W_pretrained||^2); got alpha={self.alpha!r}. Pass e.g. "
-                "alpha=0.01, or embedding='fixed' if the embedding was frozen."
-            )
-        device = resolve_device(self.device)
-        dtype = getattr(torch, self.dtype)
-
-        pairs = find_shared(pretrain_model, finetune_model, self.shared)
-        fin_names = [name for name, _ in finetune_model.named_parameters()]
-        if len(pairs) == len(fin_names):
-            raise ValueError(
-                f"shared={self.shared!r} selects every parameter of finetune_model; the "
-                "finetune model needs a head of its own (Theta) besides the embedding."
-            )
-        check_finite_parameters(pretrain_model, "pretrain_model")
-        check_finite_parameters(finetune_model, "finetune_model")
-        if self.embedding == "fixed":
-            _check_embedding_unchanged(pretrain_model, finetune_model, pairs)
-
-        # One deepcopy of both models keeps parameters they share shared in the copies.
-        pretrain_copy, finetune_copy = copy.deepcopy((pretrain_model, finetune_model))
-        for module in (pretrain_copy, finetune_copy):
-            module.eval()
-            for parameter in module.parameters():
-                parameter.grad = None
-                parameter.requires_grad_(False)
-
-        self._device = device
-        self._dtype = dtype
-        self._Z = as_data(Z, "Z", dtype)
-        self._X = as_data(X, "X", dtype)
-        # A model that brings its own loss (a skorch net's criterion) sets the default.
-        pretrain_loss = _loss_or_default(self.pretrain_loss, pretrain_default_loss)
-        finetune_loss = _loss_or_default(self.finetune_loss, finetune_default_loss)
-        self._finetune_loss_spec = finetune_loss
-        self._pretrain_loss = resolve_loss(pretrain_loss)
-        self._finetune_loss = resolve_loss(finetune_loss)
-
-        pretrain_state = _state(pretrain_copy, dtype, device)
-        finetune_state = _state(finetune_copy, dtype, device)
-        self._probe(pretrain_copy, pretrain_state, self._Z, pretrain_loss,
-                    "pretrain_loss", "pretrain_model")
-        self._probe(finetune_copy, finetune_state, self._X, finetune_loss,
-                    "finetune_loss", "finetune_model")
-
-        pre_names = [name for name, _ in pretrain_copy.named_parameters()]
-        shared_pre = [pre for pre, _ in pairs]
-        shared_fin = [fin for _, fin in pairs]
-        theta = [name for name in fin_names if name not in set(shared_fin)]
-        self._pretrain = Objective(pretrain_copy, pretrain_state, pre_names,
-                                   self._pretrain_loss, "pretrain_loss")
-        self._finetune = Objective(finetune_copy, finetune_state, fin_names,
-                                   self._finetune_loss, "finetune_loss")
-        self._pretrain.check(self._Z, self.batch_size, device)
-        self._finetune.check(self._X, self.batch_size, device)
-        self._shared_pre_index = self._pretrain.offsets(shared_pre).to(device)
-        self._shared_fin_index = self._finetune.offsets(shared_fin).to(device)
-        self._theta_index = self._finetune.offsets(theta).to(device)
-
-        self.shared_parameters_ = shared_pre
-        self.n_pretrain_ = len(self._Z)
-        self.n_finetune_ = len(self._X)
-        self.n_params_ = {
-            "W": int(self._shared_pre_index.numel()),
-            "U": int(self._pretrain.n_params - self._shared_pre_index.numel()),
-            "Theta": int(self._theta_index.numel()),
-        }
-        if self.hessian_samples is None or self.hessian_samples >= self.n_pretrain_:
-            self.hessian_indices_ = None
-        else:
-            rng = check_random_state(self.random_state)
-            self.hessian_indices_ = np.sort(
-                rng.choice(self.n_pretrain_, self.hessian_samples, replace=False))
-
-        self._solve_data = self._X
-        self.features_cached_ = False
-        if self.embedding == "fixed":
-            # Case 1 inverts the Hessian over Theta alone; W is fixed, so that Hessian
-            # needs only the embedding's outputs, which are computed once when possible.
-            self._finetune_solve_space = Objective(finetune_copy, finetune_state, theta,
-                                                   self._finetune_loss, "finetune_loss")
-            cached = _cached_head(finetune_copy, finetune_state, shared_fin, theta,
-                                  self._finetune_loss, self._X, self.batch_size, device)
-            if cached is not None:
-                self._finetune_solve_space, self._solve_data = cached
-                self.features_cached_ = True
-            finetune_shift = torch.full((len(self._theta_index),),
-                                        float(self.finetune_damping), dtype=dtype,
-                                        device=device)
-        else:
-            self._finetune_solve_space = self._finetune
-            finetune_shift = torch.full((self._finetune.n_params,),
-                                        float(self.finetune_damping), dtype=dtype,
-                                        device=device)
-            finetune_shift[self._shared_fin_index] += 2 * self.alpha
-        pretrain_shift = torch.full((self._pretrain.n_params,),
-                                    float(self.pretrain_damping), dtype=dtype, device=device)
-
-        largest = max(self._pretrain.n_params, self._finetune_solve_space.n_params)
-        if self.hessian == "auto":
-            self.hessian_ = "exact" if largest <= AUTO_EXACT_MAX_PARAMS else "cg"
-        else:
-            self.hessian_ = self.hessian
-        if self.hessian_ == "exact":
-            needed = 3 * largest**2 * 8
-            if needed > self.exact_max_memory:
-                raise ValueError(
-                    f"hessian='exact' needs dense {largest} x {largest} float64 matrices "
-                    f"(about {needed / 2**30:.2f} GiB with the eigendecomposition), over "
-                    f"exact_max_memory={self.exact_max_memory} bytes. Use hessian='cg' "
-                    "(Hessian-vector products, no dense matrix) or raise exact_max_memory."
-                )
-        indices = (None if self.hessian_indices_ is None
-                   else torch.as_tensor(self.hessian_indices_))
-        self.pretrain_solver_ = self._make_solver(
-            self._pretrain, self._Z, indices, pretrain_shift, "pretrain",
-            "pretrain_damping")
-        self.finetune_solver_ = self._make_solver(
-            self._finetune_solve_space, self._solve_data, None, finetune_shift, "finetune",
-            "finetune_damping")
-        self._mixed_basis = None
-        if self.embedding == "fixed" and self.hessian_ == "lowrank":
-            # v1 lies in the span of the kept eigenvectors u_j, so H_WTheta v1 is a
-            # combination of the H_WTheta u_j: computed once here, reused for every test.
-            basis = self.finetune_solver_.eigenvectors_.to(dtype)
-            padded = torch.zeros(len(basis), self._finetune.n_params, dtype=dtype,
-                                 device=device)
-            padded[:, self._theta_index] = basis
-            self._mixed_basis = self._finetune.hvp(padded, self._X, self.batch_size,
-                                                   device)[:, self._shared_fin_index]
+        if n_jobs_is_zero(self.n_jobs):
+            raise ValueError("n_jobs=0 is not valid: pass None (one worker), a positive "
+                             "number of workers, or -1 (all cores).")
+        settings = dict(self.get_params(deep=False))
+        fitted = _FittedState.build(settings, pretrain_model, finetune_model, Z, X)
+        # Only a fit that succeeded replaces the previous fitted state.
+        for key in [key for key in vars(self) if key.endswith("_") and not key.startswith("_")]:
+            delattr(self, key)
+        self._state = fitted
+        for key, value in fitted.public.items():
+            setattr(self, key, value)
         return self
-
-    def _probe(self, module, state, data, loss, loss_name, model_name):
-        probe_model(functools.partial(_call, module, state), data, loss, loss_name,
-                    model_name, self.batch_size, self._device)
-
-    def _make_solver(self, objective, data, indices, shift, name, damping_name):
-        if self.hessian_ == "identity":
-            return IdentitySolver()
-        if self.hessian_ == "exact":
-            hessian = objective.dense_hessian(data, self.batch_size, self._device, indices,
-                                              self.verbose)
-            return ExactSolver(hessian, shift, name, damping_name)
-
-        hvp = functools.partial(objective.hvp, data=data, batch_size=self.batch_size,
-                                device=self._device, indices=indices)
-        if self.hessian_ == "lowrank":
-            return LowRankSolver(hvp, shift, self.rank, self.random_state, name,
-                                 self.verbose)
-        return IterativeSolver(hvp, shift, self.iterative_solver, self.tol, self.max_iter,
-                               name, self.verbose)
 
     # ------------------------------------------------------------- scoring
 
@@ -432,7 +293,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
         Parameters
         ----------
-        x_test : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+        x_test : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
             Test points of the finetune task.
         out : str or path-like, default=None
             Write the result to this ``.npy`` file instead of memory, ``batch_size`` test
@@ -447,10 +308,11 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             ``I(z_i, x_t)``; positive means harmful (see the class docstring). A
             read-only ``numpy.memmap`` when ``out`` is given.
         """
-        data = self._test_data(x_test)
+        state = self._fitted()
+        data = state.test_data(x_test)
         if out is None:
-            return self._influence(data, summed=False)
-        return self._influence_to_file(data, os.fspath(out))
+            return state.influence(data, summed=False)
+        return state.influence_to_file(data, os.fspath(out))
 
     def score(self, x_test):
         """Influence of every pretrain example on the summed loss of the test points.
@@ -460,7 +322,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
         Parameters
         ----------
-        x_test : (inputs, targets) pair of arrays or tensors, or torch.utils.data.Dataset
+        x_test : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
             Test points of the finetune task.
 
         Returns
@@ -468,64 +330,317 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         scores : ndarray of shape (n_pretrain,)
             Summed influence; positive means harmful to the test set as a whole.
         """
-        return self._influence(self._test_data(x_test), summed=True)[0]
+        state = self._fitted()
+        return state.influence(state.test_data(x_test), summed=True)[0]
 
-    def _test_data(self, x_test):
+    def influence_factors(self, x_test, summed=False):
+        """The pretrain-space vectors that every pretrain example is scored against.
+
+        ``v2 = (H_G + d_p I)^-1 [w; 0_U]`` of the class Notes, one row per test point
+        (or one row for their sum). The expensive part of the computation: once they
+        are known, :meth:`influence_from_factors` scores any part of the pretrain data
+        with one pass of gradients over it, so a pretrain set of any size can be scored
+        in shards, on other machines, from factors saved with ``numpy.save``.
+
+        Parameters
+        ----------
+        x_test : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
+            Test points of the finetune task.
+        summed : bool, default=False
+            One row for the summed loss of the test points (as :meth:`score`).
+
+        Returns
+        -------
+        factors : ndarray of shape (n_test, n_params) or (1, n_params)
+            In the order of the pretrain model's parameters (``named_parameters``),
+            float64.
+        """
+        state = self._fitted()
+        return state.factors(state.test_data(x_test), summed).cpu().numpy().astype(
+            np.float64)
+
+    def influence_from_factors(self, factors, Z_part):
+        """Influence of the examples of ``Z_part`` for factors from :meth:`influence_factors`.
+
+        Parameters
+        ----------
+        factors : array-like of shape (k, n_params)
+            Rows returned by :meth:`influence_factors` (a saved copy is fine).
+        Z_part : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
+            Any pretrain examples: a shard of ``Z`` or the whole of it.
+
+        Returns
+        -------
+        influence : ndarray of shape (k, len(Z_part))
+            ``I(z, x_t)`` for each row of ``factors`` and each example of ``Z_part``;
+            equal to the matching columns of :meth:`influence` (or :meth:`score`).
+        """
+        state = self._fitted()
+        return state.influence_from_factors(factors, Z_part)
+
+    def _fitted(self):
         check_is_fitted(self)
-        x_test = transform_data(x_test, self._finetune_transform, "x_test")
-        data = as_data(x_test, "x_test", self._dtype)
-        self._probe(self._finetune.module, self._finetune.state, data,
-                    self._finetune_loss_spec, "finetune_loss", "finetune_model")
-        self._finetune.check(data, self.batch_size, self._device)
+        return self._state
+
+    def __sklearn_is_fitted__(self):
+        return getattr(self, "_state", None) is not None
+
+
+def n_jobs_is_zero(n_jobs):
+    return n_jobs is not None and int(n_jobs) == 0
+
+
+class _FittedState:
+    """Everything :meth:`MultiStageInfluenceEstimator.fit` computed, and the scoring.
+
+    Built from a snapshot of the estimator's parameters, so that ``set_params`` after
+    ``fit`` takes effect at the next ``fit`` only (as in scikit-learn).
+    """
+
+    @classmethod
+    def build(cls, settings, pretrain_model, finetune_model, Z, X):
+        self = cls()
+        self.settings = settings
+        s = settings
+        pretrain_model, pretrain_transform, pretrain_default_loss = unwrap_model(
+            pretrain_model, "pretrain_model")
+        finetune_model, finetune_transform, finetune_default_loss = unwrap_model(
+            finetune_model, "finetune_model")
+        check_module(pretrain_model, "pretrain_model")
+        check_module(finetune_model, "finetune_model")
+        Z = transform_data(Z, pretrain_transform, "Z")
+        X = transform_data(X, finetune_transform, "X")
+        self.finetune_transform = finetune_transform
+        if s["embedding"] == "updated" and s["alpha"] <= 0:
+            raise ValueError(
+                f"embedding='updated' needs alpha > 0 (the weight of the proximity term "
+                f"alpha * ||W - W_pretrained||^2); got alpha={s['alpha']!r}. Pass e.g. "
+                "alpha=0.01, or embedding='fixed' if the embedding was frozen."
+            )
+        device = resolve_device(s["device"])
+        dtype = getattr(torch, s["dtype"])
+        self.device, self.dtype, self.batch_size = device, dtype, s["batch_size"]
+
+        pairs = find_shared(pretrain_model, finetune_model, s["shared"])
+        fin_names = [name for name, _ in finetune_model.named_parameters()]
+        if len(pairs) == len(fin_names):
+            raise ValueError(
+                f"shared={s['shared']!r} selects every parameter of finetune_model; the "
+                "finetune model needs a head of its own (Theta) besides the embedding."
+            )
+        check_finite_parameters(pretrain_model, "pretrain_model")
+        check_finite_parameters(finetune_model, "finetune_model")
+        if s["embedding"] == "fixed":
+            _check_embedding_unchanged(pretrain_model, finetune_model, pairs)
+
+        pretrain_copy, finetune_copy = private_copies((pretrain_model, finetune_model),
+                                                      dtype, device)
+        label_key = s["label_key"]
+        self.Z = as_source(Z, "Z", dtype, label_key)
+        self.X = as_source(X, "X", dtype, label_key)
+        # A model that brings its own loss (a skorch net's criterion) sets the default.
+        pretrain_loss = _loss_or_default(s["pretrain_loss"], pretrain_default_loss)
+        finetune_loss = _loss_or_default(s["finetune_loss"], finetune_default_loss)
+        pretrain = ModelAdapter(pretrain_copy, pretrain_loss, "pretrain_model",
+                                "pretrain_loss")
+        finetune = ModelAdapter(finetune_copy, finetune_loss, "finetune_model",
+                                "finetune_loss")
+        self.finetune_adapter = finetune
+        probe_model(pretrain.outputs_at_state, self.Z, pretrain_loss, "pretrain_loss",
+                    "pretrain_model", self.batch_size, device)
+        probe_model(finetune.outputs_at_state, self.X, finetune_loss, "finetune_loss",
+                    "finetune_model", self.batch_size, device)
+
+        pre_names = [name for name, _ in pretrain_copy.named_parameters()]
+        shared_pre = [pre for pre, _ in pairs]
+        shared_fin = [fin for _, fin in pairs]
+        theta = [name for name in fin_names if name not in set(shared_fin)]
+        self.pretrain = Objective(pretrain, pre_names)
+        self.finetune = Objective(finetune, fin_names)
+        self.pretrain.check(self.Z, self.batch_size, device)
+        self.finetune.check(self.X, self.batch_size, device)
+        self.shared_pre_index = self.pretrain.offsets(shared_pre).to(device)
+        self.shared_fin_index = self.finetune.offsets(shared_fin).to(device)
+        self.theta_index = self.finetune.offsets(theta).to(device)
+        self.embedding, self.alpha = s["embedding"], float(s["alpha"])
+        self.n_jobs, self.verbose = s["n_jobs"], s["verbose"]
+        n_pretrain = len(self.Z)
+
+        if s["hessian_samples"] is None or s["hessian_samples"] >= n_pretrain:
+            hessian_indices = None
+        else:
+            rng = check_random_state(s["random_state"])
+            hessian_indices = np.sort(rng.choice(n_pretrain, s["hessian_samples"],
+                                                 replace=False))
+
+        solve_data = self.X
+        features_cached = False
+        if self.embedding == "fixed":
+            # Case 1 inverts the curvature over Theta alone; W is fixed, so that curvature
+            # needs only the embedding's outputs, computed once when the model allows it.
+            finetune_space = Objective(finetune, theta)
+            cached = _cached_head(finetune_copy, finetune.state, shared_fin, theta,
+                                  finetune_loss, self.X, self.batch_size, device)
+            if cached is not None:
+                finetune_space, solve_data = cached
+                features_cached = True
+            finetune_shift = torch.full((len(self.theta_index),),
+                                        float(s["finetune_damping"]), dtype=dtype,
+                                        device=device)
+            finetune_blocks = {"Theta": torch.arange(len(self.theta_index))}
+        else:
+            finetune_space = self.finetune
+            finetune_shift = torch.full((self.finetune.n_params,),
+                                        float(s["finetune_damping"]), dtype=dtype,
+                                        device=device)
+            finetune_shift[self.shared_fin_index] += 2 * self.alpha
+            finetune_blocks = {"W": self.shared_fin_index.cpu(),
+                               "Theta": self.theta_index.cpu()}
+        pretrain_shift = torch.full((self.pretrain.n_params,), float(s["pretrain_damping"]),
+                                    dtype=dtype, device=device)
+        pre_index = torch.arange(self.pretrain.n_params)
+        u_mask = torch.ones(self.pretrain.n_params, dtype=torch.bool)
+        u_mask[self.shared_pre_index.cpu()] = False
+        pretrain_blocks = {"W": self.shared_pre_index.cpu(), "U": pre_index[u_mask]}
+
+        backends = {}
+        for stage, requested, n_params in (
+                ("pretrain", s["hessian"], self.pretrain.n_params),
+                ("finetune", s["finetune_hessian"] or s["hessian"], finetune_space.n_params)):
+            if requested == "auto":
+                requested = "exact" if n_params <= AUTO_EXACT_MAX_PARAMS else "cg"
+            backends[stage] = requested
+        curvatures = {stage: _resolve_curvature(s["curvature"], backend_class(name))
+                      for stage, name in backends.items()}
+        for stage, name in backends.items():
+            n_params = self.pretrain.n_params if stage == "pretrain" else finetune_space.n_params
+            backend_class(name).check_size(n_params, _solve_settings(s))
+
+        indices = None if hessian_indices is None else torch.as_tensor(hessian_indices)
+        self.pretrain_operator = CurvatureOperator(
+            self.pretrain, self.Z, curvatures["pretrain"], self.batch_size, device, indices,
+            pretrain_blocks, "pretrain", s["verbose"])
+        finetune_operator = CurvatureOperator(
+            finetune_space, solve_data, curvatures["finetune"], self.batch_size, device,
+            None, finetune_blocks, "finetune", s["verbose"])
+        # Case 1's mixed block H_WTheta is a block of the whole finetune curvature.
+        self.finetune_full_operator = CurvatureOperator(
+            self.finetune, self.X, curvatures["finetune"], self.batch_size, device, None,
+            {"W": self.shared_fin_index.cpu(), "Theta": self.theta_index.cpu()},
+            "finetune", s["verbose"])
+        solve = _solve_settings(s)
+        self.pretrain_backend = backend_class(backends["pretrain"])(
+            self.pretrain_operator, pretrain_shift, solve, "pretrain_damping")
+        self.finetune_backend = backend_class(backends["finetune"])(
+            finetune_operator, finetune_shift, solve, "finetune_damping")
+
+        self.public = {
+            "hessian_": dict(backends),
+            "curvature_": dict(curvatures),
+            "n_pretrain_": n_pretrain,
+            "n_finetune_": len(self.X),
+            "shared_parameters_": shared_pre,
+            "n_params_": {
+                "W": int(self.shared_pre_index.numel()),
+                "U": int(self.pretrain.n_params - self.shared_pre_index.numel()),
+                "Theta": int(self.theta_index.numel()),
+            },
+            "hessian_indices_": hessian_indices,
+            "pretrain_solver_": self.pretrain_backend,
+            "finetune_solver_": self.finetune_backend,
+            "features_cached_": features_cached,
+            "attention_switched_": sorted(set(pretrain.attention_switched)
+                                          | set(finetune.attention_switched)),
+        }
+        self.n_pretrain = n_pretrain
+        return self
+
+    # -------------------------------------------------------------- scoring
+
+    def test_data(self, x_test):
+        x_test = transform_data(x_test, self.finetune_transform, "x_test")
+        data = as_source(x_test, "x_test", self.dtype, self.settings["label_key"])
+        probe_model(self.finetune_adapter.outputs_at_state, data,
+                    self.finetune_adapter.loss_spec, "finetune_loss", "finetune_model",
+                    self.batch_size, self.device)
+        self.finetune.check(data, self.batch_size, self.device)
         return data
 
-    def _influence(self, test_data, summed):
-        """Steps 1-3 of the class Notes; returns ``(k, m)`` numpy scores."""
-        gradients = self._finetune.gradient_rows(test_data, self.batch_size, self._device,
-                                                 summed)
-        shared_fin = self._shared_fin_index
-        if self.embedding == "fixed" and self._mixed_basis is not None:
-            solver = self.finetune_solver_
-            coefficients = ((gradients[:, self._theta_index].to(torch.float64)
-                             @ solver.eigenvectors_.T) / solver.eigenvalues_)
-            mixed = coefficients.to(gradients.dtype) @ self._mixed_basis
-            w = gradients[:, shared_fin] - mixed
-        elif self.embedding == "fixed":
-            v1 = self.finetune_solver_.solve(gradients[:, self._theta_index])
-            padded = torch.zeros_like(gradients)
-            padded[:, self._theta_index] = v1
-            mixed = self._finetune.hvp(padded, self._X, self.batch_size, self._device)
-            w = gradients[:, shared_fin] - mixed[:, shared_fin]
-        else:
-            v1 = self.finetune_solver_.solve(gradients)
-            w = 2 * self.alpha * v1[:, shared_fin]
-        rhs = torch.zeros(len(w), self._pretrain.n_params, dtype=w.dtype, device=w.device)
-        rhs[:, self._shared_pre_index] = w
-        v2 = self.pretrain_solver_.solve(rhs)
-        return -self._directional(v2).astype(np.float64)
+    def _mixed(self, v1):
+        """``H_WTheta v1`` (the W rows of the finetune curvature times ``[0; v1]``)."""
+        padded = torch.zeros(len(v1), self.finetune.n_params, dtype=v1.dtype,
+                             device=v1.device)
+        padded[:, self.theta_index] = v1
+        return self.finetune_full_operator.matvec(padded)[:, self.shared_fin_index]
 
-    def _directional(self, vectors):
-        """``vectors @ grad g(z)`` for every pretrain example: ``(k, m)`` numpy."""
+    def factors(self, test_data, summed):
+        """Steps 1-2 of the class Notes: ``v2``, ``(k, p_pretrain)`` torch."""
+        gradients = self.finetune.gradient_rows(test_data, self.batch_size, self.device,
+                                                summed)
+        if self.embedding == "fixed":
+            _, mixed = self.finetune_backend.solve_and_map(
+                gradients[:, self.theta_index], self._mixed)
+            w = gradients[:, self.shared_fin_index] - mixed
+        else:
+            v1 = self.finetune_backend.solve(gradients)
+            w = 2 * self.alpha * v1[:, self.shared_fin_index]
+        rhs = torch.zeros(len(w), self.pretrain.n_params, dtype=w.dtype, device=w.device)
+        rhs[:, self.shared_pre_index] = w
+        return self.pretrain_backend.solve(rhs)
+
+    def influence(self, test_data, summed):
+        """``(k, m)`` numpy influence."""
+        return -self.directional(self.factors(test_data, summed), self.Z)
+
+    def influence_from_factors(self, factors, Z_part):
+        if not isinstance(factors, torch.Tensor):
+            try:
+                factors = torch.as_tensor(np.asarray(factors, dtype=np.float64))
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"factors must be a numeric array of shape (k, {self.pretrain.n_params}) "
+                    f"from influence_factors; got {type(factors).__name__} ({exc})."
+                ) from exc
+        if factors.ndim == 1:
+            factors = factors[None]
+        if factors.ndim != 2 or factors.shape[1] != self.pretrain.n_params:
+            raise ValueError(
+                f"factors must have shape (k, {self.pretrain.n_params}) (one row per test "
+                f"point, one column per pretrain parameter); got {tuple(factors.shape)}. "
+                "Pass what influence_factors returned for this fitted estimator."
+            )
+        if not torch.isfinite(factors).all():
+            raise ValueError("factors contain NaN or infinite values.")
+        Z_part = as_source(Z_part, "Z_part", self.dtype, self.settings["label_key"])
+        probe_model(self.pretrain.adapter.outputs_at_state, Z_part,
+                    self.pretrain.adapter.loss_spec, "pretrain_loss", "pretrain_model",
+                    self.batch_size, self.device)
+        factors = factors.to(device=self.device, dtype=self.dtype)
+        return -self.directional(factors, Z_part)
+
+    def directional(self, vectors, data):
+        """``vectors @ grad g(z)`` for every example of ``data``: ``(k, len)`` numpy."""
         workers = effective_n_jobs(self.n_jobs)
-        if workers == 1:
-            return self._pretrain.directional(vectors, self._Z, self.batch_size,
-                                              self._device, self.verbose).cpu().numpy()
-        m = self.n_pretrain_
+        if workers == 1 or isinstance(data, LoaderSource):
+            return self.pretrain.directional(vectors, data, self.batch_size, self.device,
+                                             self.verbose).cpu().numpy().astype(np.float64)
+        m = len(data)
         chunk = max(self.batch_size, -(-m // (4 * workers)))
         starts = range(0, m, chunk)
         vectors = vectors.cpu()
-        tasks = (delayed(_directional_chunk)(self._pretrain, vectors,
-                                             self._Z.subset(start, start + chunk),
-                                             self.batch_size, self._device)
+        tasks = (delayed(_directional_chunk)(self.pretrain, vectors,
+                                             data.subset(start, start + chunk),
+                                             self.batch_size, self.device)
                  for start in starts)
         parts = Parallel(n_jobs=self.n_jobs, return_as="generator")(tasks)
         return np.concatenate(list(progress(parts, self.verbose, len(starts),
-                                            "scoring pretrain chunks")), axis=1)
+                                            "scoring pretrain chunks")),
+                              axis=1).astype(np.float64)
 
-    def _influence_to_file(self, data, path):
+    def influence_to_file(self, data, path):
         partial, record = path + ".partial", path + ".progress.json"
-        shape = (len(data), self.n_pretrain_)
-        fingerprint = self._fingerprint(data)
+        shape = (len(data), self.n_pretrain)
+        fingerprint = self.fingerprint(data)
         done = set()
         if os.path.exists(partial) and os.path.exists(record):
             with open(record, encoding="utf-8") as handle:
@@ -543,7 +658,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             if chunk in done:
                 continue
             stop = start + self.batch_size
-            array[start:stop] = self._influence(data.subset(start, stop), summed=False)
+            array[start:stop] = self.influence(data.subset(start, stop), summed=False)
             array.flush()
             done.add(chunk)
             _write_json_atomically(record, {"fingerprint": fingerprint,
@@ -553,23 +668,37 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         os.remove(record)
         return np.load(path, mmap_mode="r")
 
-    def _fingerprint(self, data):
-        """Identifies a computation: settings, fitted weights and test points."""
-        digest = hashlib.sha256()
+    def fingerprint(self, data):
+        """Identifies a computation: settings, fitted weights and the data."""
+        digest = new_hasher()
         params = {key: value if isinstance(value, (str, int, float, bool, type(None),
                                                    list, tuple))
                   else getattr(value, "__qualname__", type(value).__name__)
-                  for key, value in self.get_params().items()}
-        digest.update(json.dumps(params, sort_keys=True).encode())
-        for tensor in (self._pretrain.point, self._finetune.point, data.inputs,
-                       data.targets):
+                  for key, value in self.settings.items()}
+        digest.update(json.dumps(params, sort_keys=True, default=str).encode())
+        for tensor in (self.pretrain.point, self.finetune.point):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(str((self.n_pretrain_, self.batch_size)).encode())
+        fingerprint_sources(digest, data)
+        digest.update(str((self.n_pretrain, self.batch_size)).encode())
         return digest.hexdigest()
 
 
-def _call(module, state, inputs):
-    return functional_call(module, state, (inputs,))
+def _solve_settings(s):
+    return SolveSettings(tol=s["tol"], max_iter=s["max_iter"],
+                         iterative_solver=s["iterative_solver"], rank=s["rank"],
+                         random_state=s["random_state"],
+                         exact_max_memory=s["exact_max_memory"], verbose=s["verbose"])
+
+
+def _resolve_curvature(curvature, backend):
+    if curvature == "auto":
+        return backend.default_curvature
+    if curvature not in backend.curvatures:
+        raise ValueError(
+            f"hessian={backend.name!r} approximates only {list(backend.curvatures)}; got "
+            f"curvature={curvature!r}. Pass curvature='auto' or one of those."
+        )
+    return curvature
 
 
 def _directional_chunk(objective, vectors, data, batch_size, device):
@@ -588,8 +717,8 @@ def _cached_head(model, state, shared, theta, loss, data, batch_size, device):
     """The Case 1 head objective on precomputed embedding outputs, or ``None``.
 
     Applies when ``model`` is an ``nn.Sequential`` whose leading steps hold exactly the
-    shared parameters and whose remaining steps hold exactly ``theta``. The result is
-    checked against the whole network on the first batch.
+    shared parameters and whose remaining steps hold exactly ``theta``, and the data are
+    plain tensors. The result is checked against the whole network on the first batch.
     """
     if not isinstance(model, torch.nn.Sequential):
         return None
@@ -607,23 +736,27 @@ def _cached_head(model, state, shared, theta, loss, data, batch_size, device):
     head_names = {name for name, _ in head.named_parameters(remove_duplicate=False)}
     if head_names != set(theta):
         return None
+    first_inputs, _ = data.first_batch(batch_size, device)
+    if isinstance(first_inputs, dict):
+        return None
     prefix_keys = {name for name, _ in list(prefix.named_parameters())
                    + list(prefix.named_buffers())}
-    head_keys = {name for name, _ in list(head.named_parameters())
-                 + list(head.named_buffers())}
     prefix_state = {key: state[key] for key in prefix_keys}
-    head_state = {key: state[key] for key in head_keys}
+    features, targets = [], []
     with torch.no_grad():
-        features = torch.cat([functional_call(prefix, prefix_state, (inputs,)).cpu()
-                              for inputs, _ in data.batches(batch_size, device)])
-    features_data = TensorData(features, data.targets, data.name)
-    objective = Objective(head, head_state, theta, loss, "finetune_loss")
-    whole = Objective(model, state, theta, loss, "finetune_loss")
-    inputs, targets = next(data.batches(batch_size, device))
-    head_inputs, _ = next(features_data.batches(batch_size, device))
+        for inputs, batch_targets in data.batches(batch_size, device):
+            features.append(functional_call(prefix, prefix_state, (inputs,)))
+            targets.append(batch_targets)
+    features_data = TensorSource(torch.cat(features), torch.cat(targets), data.name,
+                                 data._cast.dtype)
+    head_adapter = ModelAdapter(head, loss, "finetune_model", "finetune_loss")
+    objective = Objective(head_adapter, theta)
+    whole = Objective(ModelAdapter(model, loss, "finetune_model", "finetune_loss"), theta)
+    inputs, batch_targets = data.first_batch(batch_size, device)
+    head_inputs, _ = features_data.first_batch(batch_size, device)
     with torch.no_grad():
-        expected = whole.losses(whole.point, inputs, targets)
-        got = objective.losses(objective.point, head_inputs, targets)
+        expected = whole.losses(whole.point, inputs, batch_targets)
+        got = objective.losses(objective.point, head_inputs, batch_targets)
     if not torch.allclose(got, expected, rtol=1e-10, atol=1e-12):
         return None
     return objective, features_data
@@ -649,13 +782,3 @@ def _check_embedding_unchanged(pretrain_model, finetune_model, pairs):
                 "embedding was trained during finetuning, use embedding='updated' with "
                 "alpha > 0."
             )
-
-
-def _state(module, dtype, device):
-    state = {}
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device)
-    return state

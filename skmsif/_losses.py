@@ -23,21 +23,24 @@ def resolve_loss(loss):
     return LOSSES[loss] if isinstance(loss, str) else loss
 
 
-def check_outputs(outputs, data, loss, loss_name, model_name):
+def check_outputs(outputs, data, loss, loss_name, model_name, targets=None):
     """Check that ``outputs`` of a probe batch fit ``loss`` and ``data``'s targets.
 
     Parameters
     ----------
     outputs : torch.Tensor
         The model's outputs on the first batch of ``data``.
-    data : TensorData
-        The whole data set (all targets are checked, not only the batch's).
+    data : skmsif._data.DataSource
+        The data set (its name is used in messages).
     loss : str or callable
         The loss as the user gave it.
     loss_name, model_name : str
         Argument names for the messages.
+    targets : torch.Tensor, default=None
+        The targets checked (``None``: ``data.targets``, all of them).
     """
     name = data.name
+    targets = data.targets if targets is None else targets
     batch = len(outputs) if outputs.ndim else 0
     if loss == "cross_entropy":
         if outputs.ndim != 2:
@@ -46,7 +49,6 @@ def check_outputs(outputs, data, loss, loss_name, model_name):
                 f"(n_examples, n_classes) on {name}; it outputs shape "
                 f"{tuple(outputs.shape)}. Pass a callable loss for other output shapes."
             )
-        targets = data.targets
         if targets.is_floating_point() or targets.dtype == torch.bool or targets.ndim != 1:
             raise TypeError(
                 f"{name}: {loss_name}='cross_entropy' needs integer class labels of shape "
@@ -62,16 +64,16 @@ def check_outputs(outputs, data, loss, loss_name, model_name):
                 "Relabel the classes from 0 or give the model's head more outputs."
             )
     elif loss == "mse":
-        if outputs.ndim and outputs[0].numel() != data.targets[0].numel():
+        if outputs.ndim and outputs[0].numel() != targets[0].numel():
             raise ValueError(
                 f"{loss_name}='mse' needs {model_name}'s outputs to have the targets' "
                 f"shape per example: outputs {tuple(outputs.shape[1:])}, targets of {name} "
-                f"{tuple(data.targets.shape[1:])}."
+                f"{tuple(targets.shape[1:])}."
             )
-        if not data.targets.is_floating_point():
+        if not targets.is_floating_point():
             raise TypeError(
                 f"{name}: {loss_name}='mse' needs floating-point targets; got "
-                f"{data.targets.dtype}."
+                f"{targets.dtype}."
             )
     if outputs.ndim == 0 or batch == 0:
         raise ValueError(

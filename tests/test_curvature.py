@@ -9,8 +9,7 @@ from torch.autograd.functional import hessian as autograd_hessian
 
 from skmsif._curvature import JVP_MAX_VECTORS, Objective
 from skmsif._data import as_data
-from skmsif._estimator import _state
-from skmsif._losses import cross_entropy
+from skmsif._model import ModelAdapter, private_copies
 from skmsif._params import flatten
 
 CPU = torch.device("cpu")
@@ -19,10 +18,10 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def objective_and_data():
     pretrain_model, _, Z, _, _ = tiny_problem(seed=1)
-    module = copy.deepcopy(pretrain_model).eval()
-    state = _state(module, torch.float64, CPU)
+    (module,) = private_copies([pretrain_model], torch.float64, CPU)
     names = [name for name, _ in module.named_parameters()]
-    objective = Objective(module, state, names, cross_entropy, "pretrain_loss")
+    objective = Objective(ModelAdapter(module, "cross_entropy", "pretrain_model",
+                                       "pretrain_loss"), names)
     return objective, as_data(Z, "Z", torch.float64), pretrain_model
 
 

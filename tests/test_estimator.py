@@ -48,7 +48,7 @@ def test_not_fitted_error_before_fit():
 
 def test_fit_returns_self_and_sets_fitted_attributes():
     estimator, _ = _fit(hessian="auto")
-    assert estimator.hessian_ == "exact"
+    assert estimator.hessian_ == {"pretrain": "exact", "finetune": "exact"}
     assert estimator.n_pretrain_ == 20 and estimator.n_finetune_ == 15
     assert estimator.shared_parameters_ == ["0.0.weight", "0.0.bias"]
     assert estimator.n_params_ == {"W": 16, "U": 15, "Theta": 10}
@@ -60,7 +60,8 @@ def test_auto_picks_cg_above_the_documented_size(monkeypatch):
 
     monkeypatch.setattr(_estimator, "AUTO_EXACT_MAX_PARAMS", 20)
     estimator, _ = _fit(hessian="auto")
-    assert estimator.hessian_ == "cg"
+    # resolved per stage: the pretrain model is above the size, the finetune head below
+    assert estimator.hessian_ == {"pretrain": "cg", "finetune": "exact"}
 
 
 def test_score_is_the_sum_of_influence_over_test_points():
@@ -207,8 +208,8 @@ def test_nan_or_inf_in_inputs():
         inputs[0, 0] = float("inf")
         return {"X": (inputs, arguments["X"][1])}
 
-    _bad_fit(r"Z: the inputs contain NaN or infinite", change=with_nan)
-    _bad_fit(r"X: the inputs contain NaN or infinite", change=with_inf)
+    _bad_fit(r"Z: the inputs of example 3 contain NaN or infinite", change=with_nan)
+    _bad_fit(r"X: the inputs of example 0 contain NaN or infinite", change=with_inf)
 
 
 def test_nan_in_parameters():
@@ -323,5 +324,5 @@ def test_bad_test_points_are_reported_as_x_test():
     estimator, x_test = _fit()
     with pytest.raises(ValueError, match=r"x_test: labels range from 7 to 7"):
         estimator.influence((x_test[0], x_test[1] + 6))
-    with pytest.raises(ValueError, match=r"x_test: the inputs contain NaN"):
+    with pytest.raises(ValueError, match=r"x_test: the inputs of example 0 contain NaN"):
         estimator.score((x_test[0] * float("nan"), x_test[1]))

@@ -58,7 +58,7 @@ def test_memmap_output_resumes_after_an_interruption(problem, tmp_path, monkeypa
     estimator = clone(reference).set_params(batch_size=5)  # chunks of 5, 5, 2 test points
     estimator.fit(pretrain_model, finetune_model, Z, X)
     out = tmp_path / "influence.npy"
-    original = estimator_module.MultiStageInfluenceEstimator._influence
+    original = estimator_module._FittedState.influence
     calls = []
 
     def failing_on_second_chunk(self, data, summed):
@@ -67,7 +67,7 @@ def test_memmap_output_resumes_after_an_interruption(problem, tmp_path, monkeypa
             raise KeyboardInterrupt("simulated interruption")
         return original(self, data, summed)
 
-    monkeypatch.setattr(estimator_module.MultiStageInfluenceEstimator, "_influence",
+    monkeypatch.setattr(estimator_module._FittedState, "influence",
                         failing_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         estimator.influence(x_test, out=out)
@@ -75,7 +75,7 @@ def test_memmap_output_resumes_after_an_interruption(problem, tmp_path, monkeypa
     assert os.path.exists(str(out) + ".partial")
 
     calls.clear()
-    monkeypatch.setattr(estimator_module.MultiStageInfluenceEstimator, "_influence",
+    monkeypatch.setattr(estimator_module._FittedState, "influence",
                         lambda self, data, summed: calls.append(len(data))
                         or original(self, data, summed))
     got = estimator.influence(x_test, out=out)

@@ -187,7 +187,7 @@ def test_readonly_memmap_inputs_are_not_aliased(problem, tmp_path):
     joblib.dump((Z, X), tmp_path / "data.joblib")
     Z_map, X_map = joblib.load(tmp_path / "data.joblib", mmap_mode="r")
     estimator = _estimator().fit(pretrain_model, finetune_model, Z_map, X_map)
-    assert not np.shares_memory(estimator._Z.inputs.numpy(), Z_map[0])
+    assert not np.shares_memory(estimator._state.Z.inputs.numpy(), Z_map[0])
 
 
 def test_dtypes_of_inputs_and_labels(problem):

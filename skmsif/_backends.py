@@ -1,0 +1,170 @@
+"""Backends: how ``(C + diag(shift)) x = b`` is solved for a stage's curvature ``C``.
+
+A backend is one class that registers itself under a name (``hessian="<name>"``) by
+subclassing :class:`Backend` with ``name=...``. It receives a
+:class:`~skmsif._curvature.CurvatureOperator` (the curvature ``C`` of one stage on its data,
+which knows the parameter blocks and the model) and the diagonal ``shift`` (the damping,
+plus ``2 alpha`` on ``W`` in Case 2), does its expensive work once at construction (in
+``fit``), and answers :meth:`Backend.solve` for a batch of right-hand sides. The
+estimator never branches on the backend.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ._solvers import ExactSolver, IdentitySolver, IterativeSolver, LowRankSolver
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """The estimator's settings a backend may read."""
+
+    tol: float = 1e-10
+    max_iter: int = 1000
+    iterative_solver: str = "minres"
+    rank: int = 100
+    random_state: object = None
+    exact_max_memory: int = 2**31
+    verbose: int = 0
+
+
+class Backend:
+    """Base class of the solvers; ``Backend.registry`` maps names to classes.
+
+    Parameters
+    ----------
+    operator : skmsif._curvature.CurvatureOperator
+        The stage's curvature on its data.
+    shift : torch.Tensor of shape (p,)
+        Added to the diagonal.
+    settings : SolveSettings
+    damping_name : str
+        The estimator parameter that sets the damping, named in messages.
+
+    Attributes
+    ----------
+    solver : object
+        The underlying solver; its fitted attributes (``history_``, ``eigenvalues_``, ...)
+        are readable on the backend too.
+    """
+
+    registry = {}
+    name = None
+    #: The curvature this backend works with when the user asked for ``"auto"``.
+    default_curvature = "hessian"
+    #: Curvatures this backend can approximate.
+    curvatures = ("hessian", "gauss_newton")
+
+    def __init_subclass__(cls, name=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+            Backend.registry[name] = cls
+
+    def __init__(self, operator, shift, settings, damping_name):
+        self.operator = operator
+        self.shift = shift
+        self.settings = settings
+        self.damping_name = damping_name
+        self.solver = None
+
+    @classmethod
+    def check_size(cls, n_params, settings):
+        """Refuse, before any work, a problem the backend cannot hold."""
+
+    def solve(self, rhs):
+        """``(C + diag(shift))^-1`` times each row of ``rhs`` ``(k, p)``."""
+        return self.solver.solve(rhs)
+
+    def solve_and_map(self, rhs, linear_map):
+        """``x = solve(rhs)`` and ``linear_map(x)``; backends may reuse work across calls.
+
+        Case 1 needs ``H_WTheta x`` for the finetune solution ``x``; ``linear_map`` is that
+        product and the same map is passed on every call of one fitted estimator.
+        """
+        solution = self.solve(rhs)
+        return solution, linear_map(solution)
+
+    def __getattr__(self, attribute):
+        solver = self.__dict__.get("solver")
+        if attribute.endswith("_") and not attribute.startswith("_") and solver is not None:
+            return getattr(solver, attribute)
+        raise AttributeError(attribute)
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class IdentityBackend(Backend, name="identity"):
+    """The paper's Fig. 4 baseline: both inverse curvatures replaced by the identity."""
+
+    def __init__(self, operator, shift, settings, damping_name):
+        super().__init__(operator, shift, settings, damping_name)
+        self.solver = IdentitySolver()
+
+
+class ExactBackend(Backend, name="exact"):
+    """Dense curvature in float64 and its eigendecomposition, computed once."""
+
+    @classmethod
+    def check_size(cls, n_params, settings):
+        needed = 3 * n_params**2 * 8
+        if needed > settings.exact_max_memory:
+            raise ValueError(
+                f"hessian='exact' needs dense {n_params} x {n_params} float64 matrices "
+                f"(about {needed / 2**30:.2f} GiB with the eigendecomposition), over "
+                f"exact_max_memory={settings.exact_max_memory} bytes. Use hessian='cg' "
+                "(curvature-vector products, no dense matrix), 'ekfac', or raise "
+                "exact_max_memory."
+            )
+
+    def __init__(self, operator, shift, settings, damping_name):
+        super().__init__(operator, shift, settings, damping_name)
+        self.solver = ExactSolver(operator.dense(), shift, operator.name, damping_name)
+
+
+class IterativeBackend(Backend, name="cg"):
+    """Krylov iterations on curvature-vector products; no dense matrix."""
+
+    def __init__(self, operator, shift, settings, damping_name):
+        super().__init__(operator, shift, settings, damping_name)
+        self.solver = IterativeSolver(operator.matvec, shift, settings.iterative_solver,
+                                      settings.tol, settings.max_iter, operator.name,
+                                      settings.verbose)
+
+
+class LowRankBackend(Backend, name="lowrank"):
+    """The ``rank`` eigenpairs of largest magnitude, by Lanczos, computed once.
+
+    In Case 1 the finetune solution ``x = V diag(1/lambda) V^T b`` lies in the span of the
+    kept eigenvectors ``V``, so ``H_WTheta x`` is a combination of the ``H_WTheta v_j``:
+    :meth:`solve_and_map` computes those once and reuses them for every test point.
+    """
+
+    def __init__(self, operator, shift, settings, damping_name):
+        super().__init__(operator, shift, settings, damping_name)
+        self.solver = LowRankSolver(operator.matvec, shift, settings.rank,
+                                    settings.random_state, operator.name, settings.verbose)
+        self._mapped_basis = None
+
+    def solve_and_map(self, rhs, linear_map):
+        solver = self.solver
+        if self._mapped_basis is None:
+            self._mapped_basis = linear_map(solver.eigenvectors_.to(rhs.dtype))
+        coefficients = (rhs.to(torch.float64) @ solver.eigenvectors_.T) / solver.eigenvalues_
+        solution = (coefficients @ solver.eigenvectors_).to(rhs.dtype)
+        return solution, coefficients.to(rhs.dtype) @ self._mapped_basis
+
+
+def backend_class(name):
+    """The backend registered under ``name``."""
+    try:
+        return Backend.registry[name]
+    except KeyError:
+        raise ValueError(
+            f"hessian={name!r} is not a backend; choose one of {sorted(Backend.registry)}."
+        ) from None
