@@ -41,6 +41,12 @@ def _unsqueeze(inputs):
     return inputs.unsqueeze(0)
 
 
+def _index_rows(inputs, rows):
+    if isinstance(inputs, dict):
+        return {key: value[rows] for key, value in inputs.items()}
+    return inputs[rows]
+
+
 class Objective:
     """Per-example losses of one model as a function of the flat vector of ``free`` params.
 
@@ -67,6 +73,7 @@ class Objective:
         # CNN), for linear layers it is the faster way.
         self.vectorize = not any(isinstance(m, torch.nn.modules.conv._ConvNd)
                                  for m in self.module.modules())
+        self.loop_examples = False
 
     # -------------------------------------------------------------- structure
 
@@ -190,8 +197,28 @@ class Objective:
     # -------------------------------------------------------------- gradients
 
     def per_example_grads(self, inputs, targets):
-        """Gradient of each example's own loss, ``(batch, p)``."""
-        return vmap(grad(self._one_loss), in_dims=(None, 0, 0))(self.point, inputs, targets)
+        """Gradient of each example's own loss, ``(batch, p)``.
+
+        Vectorised over the examples with ``vmap``; a model whose forward branches on the
+        values of its inputs (``transformers`` checks whether an attention mask masks
+        anything) cannot be vmapped over examples, and gets one gradient per example.
+        """
+        if not self.loop_examples:
+            try:
+                return vmap(grad(self._one_loss), in_dims=(None, 0, 0))(self.point, inputs,
+                                                                       targets)
+            except RuntimeError as exc:
+                if "vmap" not in str(exc) or "data-dependent" not in str(exc):
+                    raise
+                self.loop_examples = True
+        rows = []
+        for row in range(len(targets)):
+            def loss(flat, row=row):
+                return self.losses(flat, _index_rows(inputs, slice(row, row + 1)),
+                                   targets[row:row + 1]).sum()
+
+            rows.append(grad(loss)(self.point))
+        return torch.stack(rows)
 
     def gradient_rows(self, data, batch_size, device, summed):
         """Per-example gradients over ``data`` ``(n, p)``, or their sum ``(1, p)``."""

@@ -19,6 +19,9 @@ Attention kernels: PyTorch's CPU attention kernel (``scaled_dot_product_attentio
 Hessian-vector products and forward-mode scoring need. The private copy of a
 ``transformers`` model is therefore switched to its ``"eager"`` attention, which computes
 the same function with ordinary operations; the user's model keeps its own setting.
+Likewise PyTorch's fused layer norm has wrong second derivatives (measured against finite
+differences), so every ``nn.LayerNorm`` of the private copy is computed with elementary
+operations (:class:`DecomposedLayerNorm`).
 """
 
 import copy
@@ -27,6 +30,39 @@ import torch
 from torch.func import functional_call
 
 from ._losses import resolve_loss
+
+
+class DecomposedLayerNorm(torch.nn.LayerNorm):
+    """``nn.LayerNorm`` computed with elementary operations (same parameters and result).
+
+    PyTorch 2.13's fused layer-norm kernel has wrong second derivatives: the derivative of
+    the weight's gradient with respect to the input (measured against finite differences,
+    off by the size of the entries, in forward-over-reverse and reverse-over-reverse
+    alike). Hessian-vector products through it are therefore wrong; through these
+    elementary operations they are right.
+    """
+
+    def forward(self, inputs):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        mean = inputs.mean(dim=dims, keepdim=True)
+        centred = inputs - mean
+        variance = (centred * centred).mean(dim=dims, keepdim=True)
+        outputs = centred * torch.rsqrt(variance + self.eps)
+        if self.weight is not None:
+            outputs = outputs * self.weight
+        if self.bias is not None:
+            outputs = outputs + self.bias
+        return outputs
+
+
+def _decompose_layer_norms(module):
+    """Give every ``nn.LayerNorm`` inside ``module`` correct second derivatives."""
+    names = []
+    for name, sub in module.named_modules():
+        if type(sub) is torch.nn.LayerNorm:
+            sub.__class__ = DecomposedLayerNorm
+            names.append(name)
+    return names
 
 
 def _switch_to_eager_attention(module):
@@ -116,6 +152,9 @@ class ModelAdapter:
         Every parameter and buffer of the copy.
     attention_switched : list of str
         Submodules whose attention kernel was switched to ``"eager"``.
+    layer_norms_decomposed : list of str
+        ``nn.LayerNorm`` submodules computed with elementary operations
+        (:class:`DecomposedLayerNorm`), whose second derivatives are right.
     """
 
     def __init__(self, module, loss, model_name, loss_name):
@@ -125,6 +164,7 @@ class ModelAdapter:
         self.model_name = model_name
         self.loss_name = loss_name
         self.attention_switched = _switch_to_eager_attention(module)
+        self.layer_norms_decomposed = _decompose_layer_norms(module)
         self.state = model_state(module)
 
     def outputs(self, state, inputs):
