@@ -168,3 +168,39 @@ def backend_class(name):
         raise ValueError(
             f"hessian={name!r} is not a backend; choose one of {sorted(Backend.registry)}."
         ) from None
+
+
+class KroneckerBackend(Backend, name="kfac"):
+    """K-FAC: a Kronecker-factored Gauss-Newton matrix per ``Linear``/``Conv2d`` layer.
+
+    The factors (``skmsif._kfac``) are computed once, in ``fit``, in one pass over the
+    stage's data (two for EK-FAC); a solve is a few products in each layer's eigenbasis.
+    Parameters outside those layers use the exact diagonal of the Gauss-Newton matrix.
+    Approximates the Gauss-Newton matrix, so ``curvature="auto"`` resolves to
+    ``"gauss_newton"`` for it.
+    """
+
+    default_curvature = "gauss_newton"
+    curvatures = ("gauss_newton",)
+    eigen_correction = False
+
+    def __init__(self, operator, shift, settings, damping_name):
+        super().__init__(operator, shift, settings, damping_name)
+        from ._kfac import KroneckerCurvature, loss_factor_for
+
+        objective = operator.objective
+        adapter = objective.adapter
+        self.solver = KroneckerCurvature.fit(
+            objective.module, objective.state, objective.free, operator.batches,
+            adapter.outputs, loss_factor_for(adapter.loss_spec),
+            eigen_correction=self.eigen_correction, n_examples=operator.n_examples,
+            verbose=settings.verbose)
+
+    def solve(self, rhs):
+        return self.solver.solve(rhs, self.shift)
+
+
+class EigenCorrectedKroneckerBackend(KroneckerBackend, name="ekfac"):
+    """EK-FAC: K-FAC's eigenbasis with eigenvalues fitted to the Gauss-Newton matrix."""
+
+    eigen_correction = True

@@ -9,7 +9,7 @@ import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch.func import functional_call
 
@@ -174,8 +174,9 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     _parameter_constraints = {
         "embedding": [StrOptions({"fixed", "updated"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "hessian": [StrOptions({"auto"} | set(Backend.registry))],
-        "finetune_hessian": [None, StrOptions({"auto"} | set(Backend.registry))],
+        # Checked against the backends registered at fit time (see _check_backend_names).
+        "hessian": [str],
+        "finetune_hessian": [None, str],
         "curvature": [StrOptions({"auto", *CURVATURES})],
         "pretrain_damping": [Interval(Real, 0, None, closed="left")],
         "finetune_damping": [Interval(Real, 0, None, closed="left")],
@@ -273,6 +274,14 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             :meth:`influence` and :meth:`score`.
         """
         self._validate_params()
+        for parameter in ("hessian", "finetune_hessian"):
+            value = getattr(self, parameter)
+            if value is not None and value != "auto" and value not in Backend.registry:
+                raise InvalidParameterError(
+                    f"The {parameter!r} parameter of {type(self).__name__} must be 'auto' "
+                    f"or a registered backend among {sorted(Backend.registry)}. Got "
+                    f"{value!r} instead."
+                )
         if n_jobs_is_zero(self.n_jobs):
             raise ValueError("n_jobs=0 is not valid: pass None (one worker), a positive "
                              "number of workers, or -1 (all cores).")
@@ -753,7 +762,7 @@ def _cached_head(model, state, shared, theta, loss, data, batch_size, device):
     objective = Objective(head_adapter, theta)
     whole = Objective(ModelAdapter(model, loss, "finetune_model", "finetune_loss"), theta)
     inputs, batch_targets = data.first_batch(batch_size, device)
-    head_inputs, _ = features_data.first_batch(batch_size, device)
+    head_inputs = features_data.inputs[:len(batch_targets)]
     with torch.no_grad():
         expected = whole.losses(whole.point, inputs, batch_targets)
         got = objective.losses(objective.point, head_inputs, batch_targets)
