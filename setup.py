@@ -22,9 +22,10 @@ setup(
     extras_require={
         "examples": ["matplotlib>=3.5"],
         "skorch": ["skorch>=1.0"],
+        "transformers": ["transformers>=4.46"],
         "dask": ["dask[distributed]>=2023.1"],
         "test": ["pytest>=7", "matplotlib>=3.5", "skorch>=1.0", "dask[distributed]>=2023.1",
-                 "numpydoc>=1.6"],
+                 "numpydoc>=1.6", "transformers>=4.46"],
         "docs": ["sphinx>=7.2", "numpydoc>=1.6", "sphinx-gallery>=0.15", "myst-parser>=2.0",
                  "pydata-sphinx-theme>=0.15", "matplotlib>=3.5"],
     },

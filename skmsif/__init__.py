@@ -8,7 +8,7 @@ and ``alpha`` with scikit-learn's own search tools, and :mod:`skmsif.turnover` o
 Hessian-free turn-over dropout estimate for comparison.
 """
 
-from ._estimator import MultiStageInfluenceEstimator
+from ._estimator import MultiStageInfluenceEstimator, StationarityWarning
 from .turnover import (
     TurnOverDropout,
     TurnOverDropoutEstimator,
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiStageInfluenceEstimator",
+    "StationarityWarning",
     "TurnOverDropout",
     "TurnOverDropoutEstimator",
     "train_turnover",

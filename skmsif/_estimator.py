@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -24,6 +25,8 @@ from ._model import ModelAdapter, private_copies
 from ._params import find_shared
 from ._progress import progress
 
+# fit warns when a stage's objective gradient is above this fraction of its terms' sizes.
+STATIONARITY_TOL = 0.05
 # hessian="auto" picks "exact" when no Hessian to invert has more parameters than this.
 AUTO_EXACT_MAX_PARAMS = 2000
 
@@ -50,17 +53,34 @@ class MultiStageInfluenceEstimator(BaseEstimator):
     alpha : float, default=0.01
         Proximity weight of Case 2; must be > 0 when ``embedding="updated"``. Unused for
         ``"fixed"``.
-    hessian : {"auto", "exact", "cg", "lowrank", "identity"}, default="auto"
-        How ``(Hessian + damping * I) x = b`` is solved. ``"exact"``: a dense Hessian in
-        float64 and its eigendecomposition, computed once in ``fit``; refused when
-        ``3 p^2`` float64 numbers exceed ``exact_max_memory``. ``"cg"``: Krylov iterations
-        with Hessian-vector products (``iterative_solver`` says which), no dense matrix.
-        ``"identity"``: the paper's Fig. 4 baseline, both inverse Hessians replaced by the
-        identity (dampings unused; the mixed block of Case 1 stays). ``"lowrank"``: the
-        ``rank`` eigenpairs of largest magnitude of each damped Hessian, by Lanczos,
-        computed once in ``fit`` and reused for every test point (an approximation that
-        drops the rest of the spectrum; exact at full rank). ``"auto"``: ``"exact"`` when
-        no Hessian to invert has more than 2,000 parameters, else ``"cg"``.
+    hessian : {"auto", "exact", "cg", "lowrank", "identity", "kfac", "ekfac"}, \
+            default="auto"
+        How ``(C + damping * I) x = b`` is solved for each stage's curvature ``C`` (see
+        ``curvature``). ``"exact"``: the dense matrix in float64 and its
+        eigendecomposition, computed once in ``fit``; refused when ``3 p^2`` float64
+        numbers exceed ``exact_max_memory``. ``"cg"``: Krylov iterations with
+        curvature-vector products (``iterative_solver`` says which), no dense matrix.
+        ``"identity"``: the paper's Fig. 4 baseline, both inverse curvatures replaced by
+        the identity (dampings unused; the mixed block of Case 1 stays). ``"lowrank"``:
+        the ``rank`` eigenpairs of largest magnitude of each damped curvature, by
+        Lanczos, computed once in ``fit`` (drops the rest of the spectrum; exact at full
+        rank). ``"kfac"`` / ``"ekfac"``: Kronecker-factored Gauss-Newton blocks per
+        ``Linear`` and ``Conv2d`` layer (eigenvalue-corrected for ``"ekfac"``), the exact
+        Gauss-Newton diagonal for other parameters; factors computed once in ``fit``.
+        ``"auto"``: per stage, ``"exact"`` when the stage's matrix to invert has at most
+        2,000 parameters, else ``"cg"``. Any other backend registered with
+        ``skmsif._backends.Backend`` is accepted by name.
+    finetune_hessian : str, default=None
+        The finetune stage's backend, when it differs from ``hessian`` (for example a
+        small Case 1 head solved exactly while the pretrain stage uses ``"ekfac"``).
+        ``None``: ``hessian``.
+    curvature : {"auto", "hessian", "gauss_newton"}, default="auto"
+        Which second-derivative matrix describes each stage: the Hessian, or the
+        Gauss-Newton matrix ``J^T H_out J`` (``H_out`` the loss's Hessian in the model's
+        outputs; positive semi-definite for convex losses). Under ``"gauss_newton"`` every
+        block (``H_G``; ``H_ThetaTheta`` and the mixed ``H_WTheta`` of Case 1; ``K`` of
+        Case 2) is the matching block of the Gauss-Newton matrix. ``"auto"``: the
+        Gauss-Newton matrix for ``"kfac"``/``"ekfac"``, the Hessian otherwise.
     pretrain_damping : float, default=1e-2
         Added to the diagonal of the pretrain Hessian ``H_G`` (over ``W`` and ``U``).
     finetune_damping : float, default=1e-8
@@ -78,6 +98,9 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         Per-example loss. A callable takes ``(outputs, targets)`` of a batch and returns
         one loss per example, shape ``(batch,)``. ``"mse"`` averages the squared error
         over output dimensions.
+    label_key : str, default="labels"
+        Where dict batches, Mappings and dict Datasets keep the target (the
+        ``transformers`` convention). The rest of a dict is passed as ``model(**inputs)``.
     hessian_samples : int, default=None
         Size of a random subsample of ``Z`` (without replacement) on which the pretrain
         Hessian is computed (the paper uses 1000). ``None``: all of ``Z``. The gradients
@@ -114,8 +137,17 @@ class MultiStageInfluenceEstimator(BaseEstimator):
 
     Attributes
     ----------
-    hessian_ : str
-        The backend used (``"auto"`` resolved).
+    hessian_ : dict
+        The backend of each stage, ``{"pretrain": ..., "finetune": ...}`` (``"auto"``
+        resolved).
+    curvature_ : dict
+        The curvature of each stage (``"auto"`` resolved).
+    stationarity_ : dict
+        Per stage, ``gradient_norm`` (of the stage's objective at the given weights) and
+        ``relative`` (that norm over the sum of its terms' norms: 0 at a minimum). Above
+        0.05, ``fit`` warns with a :class:`StationarityWarning`.
+    attention_switched_ : list of str
+        Submodules of the private copies switched to eager attention (``transformers``).
     n_pretrain_ : int
         Number of pretrain examples ``m``.
     n_finetune_ : int
@@ -148,7 +180,14 @@ class MultiStageInfluenceEstimator(BaseEstimator):
        pass over ``Z``.
 
     The user's models are copied in ``fit`` and never changed; the copies are evaluated
-    in eval mode, so dropout is off and batch norm uses its running statistics.
+    in eval mode, so dropout is off and batch norm uses its running statistics. In the
+    copies, ``transformers`` models use eager attention and ``nn.LayerNorm`` is computed
+    with elementary operations, because PyTorch's CPU attention kernel has no second
+    derivatives and its fused layer norm has wrong ones.
+
+    Influence describes a minimum: ``fit`` checks, with one gradient pass per stage,
+    that the given weights are near a minimum of the objectives above (the mean loss plus
+    the damping as L2, and Case 2's ``alpha`` term), and warns when they are not.
 
     Examples
     --------
@@ -387,6 +426,97 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         state = self._fitted()
         return state.influence_from_factors(factors, Z_part)
 
+    def removal_effect(self, x_test, indices, newton_steps=0):
+        """Predicted change of the summed test loss when pretrain examples are removed.
+
+        For each entry of ``indices`` (one pretrain example, or a group removed
+        together), ``L(without) - L(with)``, ``L`` the summed finetune loss over
+        ``x_test``, both stages re-optimised (compare with
+        :func:`skmsif.validation.leave_one_out` through
+        :func:`skmsif.validation.faithfulness`).
+
+        Parameters
+        ----------
+        x_test : (inputs, targets) pair, Mapping, torch Dataset or DataLoader
+            Test points of the finetune task; their losses are summed.
+        indices : sequence of int, or sequence of sequences of int
+            Positions in ``Z``. A 1-D sequence: each example removed alone. A list of
+            lists (or a 2-D array): each inner list is a group removed together. No
+            position may repeat within a group.
+        newton_steps : int, default=0
+            ``0``: first order, ``-I/m`` with ``I`` from :meth:`score` (summed over a
+            group), one scoring pass for all entries. ``k >= 1``: ``k`` Newton steps
+            from the pretrain weights on the pretrain objective without the removed
+            examples ``S``, ``(1/(m - |S|)) sum_{j not in S} g(z_j) +
+            (pretrain_damping / 2) ||(W, U)||^2`` (the objective whose Hessian is the
+            estimator's damped pretrain Hessian), then the same number of Newton steps
+            from the finetuned weights on the finetune objective at the new embedding
+            ``W_S``: ``F(W_S, Theta) + (finetune_damping / 2) ||Theta||^2`` over
+            ``Theta`` (``embedding="fixed"``), or ``F + (finetune_damping / 2)
+            ||(W, Theta)||^2 + alpha ||W - W_S||^2`` over ``(W, Theta)``
+            (``"updated"``); the test loss is then evaluated exactly. See Notes.
+
+        Returns
+        -------
+        effects : ndarray of shape (n_entries,)
+            One predicted change per entry of ``indices``; negative means the test loss
+            drops when the entry is removed.
+
+        Raises
+        ------
+        ValueError
+            For empty ``indices``, an empty group, a position out of range, a position
+            repeated within a group, or a ``newton_steps`` that is not a non-negative
+            int.
+        TypeError
+            For positions that are not integers.
+
+        Notes
+        -----
+        The influence function assumes the given weights minimise the full-data
+        objectives. Each Newton step uses the gradient of the objective without ``S``
+        minus the full-data objective's gradient at the given weights (zero when the
+        models were trained to convergence on these objectives), so that a model not
+        trained exactly to their minimum is not pulled towards it: with nothing
+        removed the effect is zero.
+
+        Each step solves with the estimator's own backend: ``hessian="exact"`` forms
+        the dense curvature at the current weights; ``"cg"`` runs ``iterative_solver``
+        on curvature-vector products at the current weights; any other backend reuses
+        its fitted solve (the curvature at the trained weights, removed examples
+        included) as an approximation. ``curvature="gauss_newton"`` makes them
+        Gauss-Newton steps. With ``hessian_samples`` the pretrain curvature is the
+        subsample's, less the removed examples.
+
+        Cost per entry and step: two passes of gradients over ``Z`` and one over ``X``
+        plus one solve per stage (``"exact"``: a dense curvature, ``p`` curvature-vector
+        products over the data; at the first pretrain step only over the removed
+        examples). Entries run in parallel with ``n_jobs`` workers (one torch thread
+        each); the results do not depend on ``n_jobs``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch import nn
+        >>> from skmsif import MultiStageInfluenceEstimator
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> embedding = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        >>> pretrain_model = nn.Sequential(embedding, nn.Linear(4, 2))
+        >>> finetune_model = nn.Sequential(embedding, nn.Linear(4, 3))
+        >>> Z = (torch.randn(30, 3, generator=gen), torch.randint(0, 2, (30,), generator=gen))
+        >>> X = (torch.randn(20, 3, generator=gen), torch.randint(0, 3, (20,), generator=gen))
+        >>> est = MultiStageInfluenceEstimator(hessian="exact", finetune_damping=1e-3)
+        >>> est = est.fit(pretrain_model, finetune_model, Z, X)
+        >>> x_test = (X[0][:5], X[1][:5])
+        >>> est.removal_effect(x_test, [0, 1, 2]).shape
+        (3,)
+        >>> est.removal_effect(x_test, [[0, 1], [2, 3, 4]], newton_steps=2).shape
+        (2,)
+        """
+        from ._removal import removal_effect
+
+        return removal_effect(self._fitted(), x_test, indices, newton_steps)
+
     def _fitted(self):
         check_is_fitted(self)
         return self._state
@@ -475,6 +605,8 @@ class _FittedState:
         self.n_jobs, self.verbose = s["n_jobs"], s["verbose"]
         n_pretrain = len(self.Z)
 
+        self.stationarity = _stationarity(self, s, pairs)
+
         if s["hessian_samples"] is None or s["hessian_samples"] >= n_pretrain:
             hessian_indices = None
         else:
@@ -558,6 +690,7 @@ class _FittedState:
             "pretrain_solver_": self.pretrain_backend,
             "finetune_solver_": self.finetune_backend,
             "features_cached_": features_cached,
+            "stationarity_": self.stationarity,
             "attention_switched_": sorted(set(pretrain.attention_switched)
                                           | set(finetune.attention_switched)),
         }
@@ -690,6 +823,73 @@ class _FittedState:
         fingerprint_sources(digest, data)
         digest.update(str((self.n_pretrain, self.batch_size)).encode())
         return digest.hexdigest()
+
+
+class StationarityWarning(UserWarning):
+    """The given weights are far from a minimum of the objective the estimator assumes.
+
+    Raised by :meth:`MultiStageInfluenceEstimator.fit` when a stage's objective gradient
+    is large next to its terms; ``stationarity_`` keeps the figures.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from skmsif import StationarityWarning
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", StationarityWarning)
+    ...     issubclass(StationarityWarning, UserWarning)
+    True
+    """
+
+
+def _stationarity(state, s, pairs):
+    """Gradient of each stage's objective at the given weights, relative to its terms.
+
+    Pretrain: ``mean g + d_p / 2 ||(W, U)||^2``. Finetune, Case 1: ``mean f + d_f / 2
+    ||Theta||^2`` over ``Theta``; Case 2: ``mean f + d_f / 2 ||(W, Theta)||^2 + alpha ||W -
+    W_pretrained||^2`` over ``(W, Theta)``. The ratio is ``||gradient of the objective||``
+    over the sum of the norms of its terms' gradients: 0 at a minimum, about 1 when the
+    terms do not balance (training unfinished, or a weight decay other than the damping).
+    One gradient pass over each stage's data.
+    """
+    report = {}
+    stages = (("pretrain", state.pretrain, state.Z, float(s["pretrain_damping"]),
+               "pretrain_damping"),
+              ("finetune", state.finetune, state.X, float(s["finetune_damping"]),
+               "finetune_damping"))
+    for stage, objective, data, damping, damping_name in stages:
+        loss_gradient = objective.mean_gradient(data, state.batch_size, state.device)
+        terms = [loss_gradient, damping * objective.point]
+        if stage == "finetune":
+            if state.embedding == "fixed":
+                terms = [term[state.theta_index] for term in terms]
+            else:
+                anchor = torch.zeros_like(objective.point)
+                anchor[state.shared_fin_index] = (
+                    objective.point[state.shared_fin_index]
+                    - state.pretrain.point[state.shared_pre_index])
+                terms.append(2 * state.alpha * anchor)
+        total = float(torch.stack(terms).sum(0).norm())
+        scale = float(sum(term.norm() for term in terms))
+        if not np.isfinite(total):
+            raise ValueError(
+                f"The {stage} objective's gradient at the given weights is not finite; "
+                "check the model's outputs and the data of that stage."
+            )
+        ratio = total / scale if scale > 0 else 0.0
+        report[stage] = {"gradient_norm": total, "relative": ratio}
+        if ratio > STATIONARITY_TOL:
+            warnings.warn(
+                f"The {stage} weights are not at a minimum of the objective the estimator "
+                f"assumes (mean loss + {damping_name}/2 ||params||^2"
+                + (" + alpha ||W - W_pretrained||^2" if stage == "finetune"
+                   and state.embedding == "updated" else "")
+                + f"): its gradient is {ratio:.2g} of the size of its terms (0 at a "
+                f"minimum, 1 when they do not balance). Influence describes a minimum: "
+                f"set {damping_name} to the weight decay (L2 coefficient) used in "
+                "training, or train that stage further. stationarity_ keeps the figures.",
+                StationarityWarning, stacklevel=4)
+    return report
 
 
 def _solve_settings(s):
