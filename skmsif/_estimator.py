@@ -18,8 +18,7 @@ from ._adapters import transform_data, unwrap_model
 from ._backends import Backend, SolveSettings, backend_class
 from ._checks import check_finite_parameters, check_module, probe_model, resolve_device
 from ._curvature import CURVATURES, CurvatureOperator, Objective
-from ._data import (LoaderSource, TensorSource, as_source, fingerprint_sources,
-                    new_hasher)
+from ._data import LoaderSource, TensorSource, as_source, fingerprint_sources, new_hasher
 from ._losses import LOSSES
 from ._model import ModelAdapter, private_copies
 from ._params import find_shared

@@ -15,7 +15,6 @@ example is predicted to *lower* the finetune test loss). Compare them with
 * :class:`RandomBaseline`: independent standard normal scores; the chance level.
 """
 
-import copy
 from numbers import Integral
 
 import numpy as np
@@ -25,9 +24,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._data import as_data
+from ._data import as_source
 from ._estimator import MultiStageInfluenceEstimator
 from ._losses import LOSSES, check_losses, resolve_loss
+from ._model import call_model, private_copies
 
 __all__ = ["IdentityHessianBaseline", "PretrainLossBaseline", "RandomBaseline"]
 
@@ -229,14 +229,15 @@ class PretrainLossBaseline(BaseEstimator):
             raise TypeError(
                 f"pretrain_model must be a torch.nn.Module; got {type(pretrain_model).__name__}.")
         dtype = getattr(torch, self.dtype)
-        data = as_data(Z, "Z", dtype)
-        model = copy.deepcopy(pretrain_model).to(dtype).eval()
+        data = as_source(Z, "Z", dtype)
+        (model,) = private_copies([pretrain_model], dtype, torch.device("cpu"))
         loss = resolve_loss(self.pretrain_loss)
         losses = []
         with torch.no_grad():
-            for inputs, targets in data.batches(self.batch_size, "cpu"):
-                values = loss(model(inputs), targets)
-                check_losses(values, len(inputs), "pretrain_loss")
+            for inputs, targets in data.batches(self.batch_size, torch.device("cpu")):
+                values = loss(call_model(model, inputs, model_name="pretrain_model"),
+                              targets)
+                check_losses(values, len(targets), "pretrain_loss")
                 losses.append(values.double())
         self.losses_ = torch.cat(losses).numpy()
         self.n_pretrain_ = len(self.losses_)
@@ -308,7 +309,7 @@ class RandomBaseline(BaseEstimator):
             Fitted.
         """
         self._validate_params()
-        self.n_pretrain_ = len(as_data(Z, "Z", torch.float64))
+        self.n_pretrain_ = len(as_source(Z, "Z", torch.float64))
         rng = check_random_state(self.random_state)
         self.scores_ = rng.standard_normal(self.n_pretrain_)
         return self

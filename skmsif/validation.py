@@ -33,6 +33,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 from ._checks import check_module, probe_model
 from ._data import as_data
 from ._losses import LOSSES, resolve_loss
+from ._model import call_model, private_copies
 from ._params import find_shared
 from ._progress import progress
 from ._training import Stage, minimise, run_steps
@@ -110,7 +111,8 @@ class _Problem:
 
         with torch.no_grad():
             test_loss = sum(
-                float(s["finetune_loss"](finetune_model(inputs), targets).sum())
+                float(s["finetune_loss"](call_model(finetune_model, inputs, model_name=
+                                                    "finetune_model"), targets).sum())
                 for inputs, targets in self.x_test.batches(s["eval_batch_size"], device))
         return {
             "loss": test_loss,
@@ -521,12 +523,8 @@ def leave_one_out(
     unique = np.unique(index_array)
 
     # One deepcopy of both models keeps the parameters they share shared in the copies.
-    pretrain_copy, finetune_copy = copy.deepcopy((pretrain_model, finetune_model))
-    for module in (pretrain_copy, finetune_copy):
-        module.to(device=device, dtype=torch_dtype)
-        module.eval()
-        for parameter in module.parameters():
-            parameter.grad = None
+    pretrain_copy, finetune_copy = private_copies((pretrain_model, finetune_model),
+                                                  torch_dtype, device)
     pairs = find_shared(pretrain_copy, finetune_copy, shared)
     n_shared_fin = len({fin_name for _, fin_name in pairs})
     if embedding == "fixed" and n_shared_fin == len(dict(finetune_copy.named_parameters())):

@@ -1,6 +1,5 @@
 """Derivatives of the model-as-a-function objective against independent computations."""
 
-import copy
 
 import pytest
 import torch

@@ -63,11 +63,13 @@ def reference(case, pretrain, finetune, Z, X, x_test, pretrain_matrix=None,
     test_grads = _per_example_grads(fin_out, fin_point, *x_test)
     W, T = w_mask, ~w_mask
     if case == "fixed":
-        H_tt = (G_F[T][:, T] if finetune_matrix is None else finetune_matrix) + FINETUNE_DAMPING * torch.eye(int(T.sum()), dtype=torch.float64)
+        H_tt = G_F[T][:, T] if finetune_matrix is None else finetune_matrix
+        H_tt = H_tt + FINETUNE_DAMPING * torch.eye(int(T.sum()), dtype=torch.float64)
         v1 = torch.linalg.solve(H_tt, test_grads[:, T].T).T
         w = test_grads[:, W] - v1 @ G_F[T][:, W]
     else:
-        K = (G_F if finetune_matrix is None else finetune_matrix) + FINETUNE_DAMPING * torch.eye(len(G_F), dtype=torch.float64)
+        K = G_F if finetune_matrix is None else finetune_matrix
+        K = K + FINETUNE_DAMPING * torch.eye(len(G_F), dtype=torch.float64)
         K[W.nonzero()[:, 0], W.nonzero()[:, 0]] += 2 * ALPHA
         v1 = torch.linalg.solve(K, test_grads.T).T
         w = 2 * ALPHA * v1[:, W]

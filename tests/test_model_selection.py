@@ -211,7 +211,8 @@ def test_predict_is_the_removal_change_predicted_by_influence(problem, audits):
     m = len(problem["Z"][0])
     np.testing.assert_allclose(regressor.predict(indices), -scores[indices] / m)
     np.testing.assert_allclose(regressor.predict(indices[:, None]), -scores[indices] / m)
-    assert regressor.n_pretrain_ == m and regressor.hessian_ == {"pretrain": "exact", "finetune": "exact"}
+    assert regressor.n_pretrain_ == m
+    assert regressor.hessian_ == {"pretrain": "exact", "finetune": "exact"}
     assert regressor.score(indices, change) == pytest.approx(
         spearman_score(change, regressor.predict(indices)))
     assert pearson_score(change, regressor.predict(indices)) > 0.99

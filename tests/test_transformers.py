@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, hessian
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is a test extra: pip install -e '.[test]'")
