@@ -132,9 +132,12 @@ class IterativeBackend(Backend, name="cg"):
 
     def __init__(self, operator, shift, settings, damping_name):
         super().__init__(operator, shift, settings, damping_name)
+        # Products in float32 cannot bring a residual below about 1e-5: the floor follows
+        # the dtype of the passes, not that of the float64 solve.
+        floor = 100 * torch.finfo(operator.objective.point.dtype).eps
         self.solver = IterativeSolver(operator.matvec, shift, settings.iterative_solver,
-                                      settings.tol, settings.max_iter, operator.name,
-                                      settings.verbose)
+                                      max(settings.tol, floor), settings.max_iter,
+                                      operator.name, settings.verbose)
 
 
 class LowRankBackend(Backend, name="lowrank"):

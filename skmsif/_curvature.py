@@ -122,17 +122,54 @@ class Objective:
         return self.losses(flat, _unsqueeze(inputs), targets.unsqueeze(0)).sum()
 
     def check(self, data, batch_size, device):
-        """Evaluate the first batch once and check the losses' shape and values."""
+        """Evaluate the first batch once and check the losses' shape and values.
+
+        The losses must also depend on the parameters through torch operations: a loss
+        computed through numpy or on ``.detach()``-ed outputs has no derivative, and its
+        influence would be zero everywhere. Its gradient on the first batch must exist,
+        be finite, and not be exactly zero while the losses are not.
+        """
         inputs, targets = data.first_batch(batch_size, device)
         with torch.no_grad():
-            check_losses(self.losses(self.point, inputs, targets), len(targets),
-                         self.loss_name)
+            losses = self.losses(self.point, inputs, targets)
+            check_losses(losses, len(targets), self.loss_name)
+        model_name = getattr(self.adapter, "model_name", "the model")
+        detached = (
+            f"{self.loss_name} must be computed with torch operations on {model_name}'s "
+            "outputs: a loss computed through numpy, or on .detach()-ed outputs, does not "
+            "depend on the parameters, so every influence would be zero."
+        )
+        try:
+            gradient = grad(lambda flat: self.losses(flat, inputs, targets).sum())(self.point)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{self.loss_name} could not be differentiated with respect to the "
+                f"parameters of {model_name} on the first batch of {data.name} ({exc}). "
+                f"{detached}"
+            ) from exc
+        if not bool(torch.isfinite(gradient).all()):
+            per_example = self.per_example_grads(inputs, targets)
+            bad = ~torch.isfinite(per_example.reshape(len(targets), -1)).all(dim=1)
+            where = (f"example {int(bad.nonzero()[0])} of {data.name}" if bool(bad.any())
+                     else f"the first batch of {data.name}")
+            raise ValueError(
+                f"The gradient of {self.loss_name} with respect to {model_name}'s "
+                f"parameters is NaN or infinite on {where} (the loss or the model's "
+                "outputs overflow, or the loss is not differentiable there)."
+            )
+        if self.n_params and bool((gradient == 0).all()) and bool((losses != 0).any()):
+            raise ValueError(
+                f"The gradient of {self.loss_name} with respect to every parameter of "
+                f"{model_name} is exactly zero on the first batch of {data.name}, though "
+                f"the losses are not zero. {detached}"
+            )
 
     def mean_gradient(self, data, batch_size, device):
-        """Gradient of the mean loss over ``data`` at the current point ``(p,)``."""
-        total = torch.zeros_like(self.point)
+        """Gradient of the mean loss over ``data`` at the current point ``(p,)``, float64."""
+        total = torch.zeros_like(self.point, dtype=torch.float64)
         for inputs, targets in data.batches(batch_size, device):
-            total += grad(lambda flat: self.losses(flat, inputs, targets).sum())(self.point)
+            total += grad(lambda flat: self.losses(flat, inputs, targets).sum())(
+                self.point).to(torch.float64)
         return total / len(data)
 
     # -------------------------------------------------------------- curvature
@@ -169,11 +206,18 @@ class Objective:
 
     def curvature_vectors(self, vectors, data, batch_size, device, indices=None,
                           curvature="hessian"):
-        """The curvature of the mean loss over ``data`` times each row of ``vectors``."""
+        """The curvature of the mean loss over ``data`` times each row of ``vectors``.
+
+        The products run in the model's dtype (``self.point``); they are accumulated,
+        and returned, in the dtype of ``vectors`` when that is wider (float64 solves
+        over float32 passes).
+        """
         n = len(data) if indices is None else len(indices)
-        out = torch.zeros_like(vectors)
+        out_dtype = torch.promote_types(vectors.dtype, self.point.dtype)
+        out = torch.zeros(vectors.shape, dtype=out_dtype, device=vectors.device)
+        tangents = vectors.to(self.point.dtype)
         for inputs, targets in data.batches(batch_size, device, indices):
-            out += self.curvature_product(vectors, inputs, targets, curvature)
+            out += self.curvature_product(tangents, inputs, targets, curvature).to(out_dtype)
         return out / n
 
     def hvp(self, vectors, data, batch_size, device, indices=None):
@@ -185,7 +229,7 @@ class Objective:
                       curvature="hessian"):
         """The dense curvature matrix of the mean loss, ``(p, p)``, from batched products."""
         p = self.n_params
-        eye = torch.eye(p, dtype=self.point.dtype, device=self.point.device)
+        eye = torch.eye(p, dtype=torch.float64, device=self.point.device)
         blocks = []
         starts = range(0, p, chunk)
         for start in progress(starts, verbose, len(starts), f"dense {curvature}"):
@@ -221,23 +265,24 @@ class Objective:
         return torch.stack(rows)
 
     def gradient_rows(self, data, batch_size, device, summed):
-        """Per-example gradients over ``data`` ``(n, p)``, or their sum ``(1, p)``."""
+        """Per-example gradients over ``data`` ``(n, p)``, or their sum ``(1, p)``; float64."""
         if summed:
-            total = torch.zeros(1, self.n_params, dtype=self.point.dtype,
+            total = torch.zeros(1, self.n_params, dtype=torch.float64,
                                 device=self.point.device)
             for inputs, targets in data.batches(batch_size, device):
                 total += grad(lambda flat: self.losses(flat, inputs, targets).sum())(
-                    self.point)[None]
+                    self.point)[None].to(torch.float64)
             return total
-        return torch.cat([self.per_example_grads(inputs, targets)
+        return torch.cat([self.per_example_grads(inputs, targets).to(torch.float64)
                           for inputs, targets in data.batches(batch_size, device)])
 
     def directional(self, vectors, data, batch_size, device, verbose=0):
         """Derivative of every example's loss along each row of ``vectors``: ``(k, n)``.
 
         Equals ``vectors @ per_example_grads(data).T`` without materialising the
-        ``(n, p)`` gradients.
+        ``(n, p)`` gradients. The pass runs in the model's dtype; the result is float64.
         """
+        vectors = vectors.to(self.point.dtype)
         columns = []
         batches = data.batches(batch_size, device)
         total = -(-len(data) // batch_size)
@@ -249,9 +294,10 @@ class Objective:
                 def along(vector, batch_losses=batch_losses):
                     return jvp(batch_losses, (self.point,), (vector,))[1]
 
-                columns.append(self._map(along, vectors))
+                columns.append(self._map(along, vectors).to(torch.float64))
             else:
-                columns.append(vectors @ self.per_example_grads(inputs, targets).T)
+                columns.append((vectors @ self.per_example_grads(inputs, targets).T).to(
+                    torch.float64))
         return torch.cat(columns, dim=1)
 
 

@@ -118,7 +118,12 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         plain CG (positive definite damped Hessians only), or CG on the normal equations
         ``A^2 x = A b`` (the paper's Sec. 3.3; indefinite allowed, slower to converge).
     dtype : {"float64", "float32"}, default="float64"
-        Precision of all computations (the models are evaluated on copies in this dtype).
+        Precision of the passes over data: the models are evaluated on private copies in
+        this dtype, and per-example gradients, forward-mode scoring, curvature products
+        and Kronecker factors' inputs are computed in it. Solves, right-hand sides and
+        every accumulation (sums over batches, factors, scores) are float64 whatever it
+        is. In float32 an iterative solve cannot reach a relative residual below about
+        1e-5 (``tol`` is floored there).
     device : str or torch.device, default="cpu"
         Where computations run, for example ``"cuda"``.
     exact_max_memory : int, default=2**31
@@ -625,19 +630,20 @@ class _FittedState:
                 finetune_space, solve_data = cached
                 features_cached = True
             finetune_shift = torch.full((len(self.theta_index),),
-                                        float(s["finetune_damping"]), dtype=dtype,
+                                        float(s["finetune_damping"]), dtype=torch.float64,
                                         device=device)
             finetune_blocks = {"Theta": torch.arange(len(self.theta_index))}
         else:
             finetune_space = self.finetune
             finetune_shift = torch.full((self.finetune.n_params,),
-                                        float(s["finetune_damping"]), dtype=dtype,
+                                        float(s["finetune_damping"]), dtype=torch.float64,
                                         device=device)
             finetune_shift[self.shared_fin_index] += 2 * self.alpha
             finetune_blocks = {"W": self.shared_fin_index.cpu(),
                                "Theta": self.theta_index.cpu()}
+        # Solves and their right-hand sides are float64 whatever the passes' dtype.
         pretrain_shift = torch.full((self.pretrain.n_params,), float(s["pretrain_damping"]),
-                                    dtype=dtype, device=device)
+                                    dtype=torch.float64, device=device)
         pre_index = torch.arange(self.pretrain.n_params)
         u_mask = torch.ones(self.pretrain.n_params, dtype=torch.bool)
         u_mask[self.shared_pre_index.cpu()] = False
@@ -715,23 +721,64 @@ class _FittedState:
         return self.finetune_full_operator.matvec(padded)[:, self.shared_fin_index]
 
     def factors(self, test_data, summed):
-        """Steps 1-2 of the class Notes: ``v2``, ``(k, p_pretrain)`` torch."""
-        gradients = self.finetune.gradient_rows(test_data, self.batch_size, self.device,
-                                                summed)
-        if self.embedding == "fixed":
-            _, mixed = self.finetune_backend.solve_and_map(
-                gradients[:, self.theta_index], self._mixed)
-            w = gradients[:, self.shared_fin_index] - mixed
-        else:
-            v1 = self.finetune_backend.solve(gradients)
-            w = 2 * self.alpha * v1[:, self.shared_fin_index]
-        rhs = torch.zeros(len(w), self.pretrain.n_params, dtype=w.dtype, device=w.device)
-        rhs[:, self.shared_pre_index] = w
-        return self.pretrain_backend.solve(rhs)
+        """Steps 1-2 of the class Notes: ``v2``, ``(k, p_pretrain)`` torch.
+
+        Runs under the forward-mode lock (the solves' curvature products use ``jvp``,
+        whose state PyTorch keeps per process). Every step is checked: NaN or infinity
+        raises a ``ValueError`` naming the stage and, where one is to blame, the example.
+        """
+        from ._solvers import (FORWARD_MODE_LOCK, NonFiniteError, locate_nonfinite,
+                               require_finite)
+
+        def blame(objective, data, indices):
+            found = locate_nonfinite(objective, data, self.batch_size, self.device, indices)
+            if found is None:
+                return (f"No single example of {data.name} has a non-finite loss or "
+                        "gradient: the curvature products or the solve overflow; raise "
+                        "the damping, or use dtype='float64'.")
+            return (f"Example {found[0]} of {data.name} has a non-finite {found[1]} at "
+                    "the fitted weights (model outputs too large for the dtype?); remove "
+                    "it or fix the model.")
+
+        with FORWARD_MODE_LOCK:
+            gradients = self.finetune.gradient_rows(test_data, self.batch_size, self.device,
+                                                    summed)
+            if not bool(torch.isfinite(gradients).all()):
+                raise NonFiniteError(
+                    "Non-finite values in the finetune stage: the gradients of "
+                    f"finetune_loss on {test_data.name} are NaN or infinite. "
+                    + blame(self.finetune, test_data, None), "finetune")
+            stage = "finetune"
+            try:
+                if self.embedding == "fixed":
+                    _, mixed = self.finetune_backend.solve_and_map(
+                        gradients[:, self.theta_index], self._mixed)
+                    w = gradients[:, self.shared_fin_index] - mixed
+                else:
+                    v1 = self.finetune_backend.solve(gradients)
+                    w = 2 * self.alpha * v1[:, self.shared_fin_index]
+                require_finite(w, "finetune", "the finetune solution mapped to the shared "
+                               "parameters (the right-hand side of the pretrain solve)")
+                stage = "pretrain"
+                rhs = torch.zeros(len(w), self.pretrain.n_params, dtype=w.dtype,
+                                  device=w.device)
+                rhs[:, self.shared_pre_index] = w
+                return require_finite(self.pretrain_backend.solve(rhs), "pretrain",
+                                      "the pretrain solution (the influence factors)")
+            except NonFiniteError as exc:
+                if stage == "pretrain":
+                    where = blame(self.pretrain, self.Z, self.pretrain_operator.indices)
+                else:
+                    operator = self.finetune_backend.operator
+                    where = blame(operator.objective, operator.data, operator.indices)
+                    if where.startswith("No single"):
+                        where = blame(self.finetune, self.X, None)
+                raise NonFiniteError(f"{exc} {where}", stage) from exc
 
     def influence(self, test_data, summed):
-        """``(k, m)`` numpy influence."""
-        return -self.directional(self.factors(test_data, summed), self.Z)
+        """``(k, m)`` numpy influence (negated in place: one array of the result's size)."""
+        result = self.directional(self.factors(test_data, summed), self.Z)
+        return np.negative(result, out=result)
 
     def influence_from_factors(self, factors, Z_part):
         if not isinstance(factors, torch.Tensor):
@@ -756,44 +803,146 @@ class _FittedState:
         probe_model(self.pretrain.adapter.outputs_at_state, Z_part,
                     self.pretrain.adapter.loss_spec, "pretrain_loss", "pretrain_model",
                     self.batch_size, self.device)
-        factors = factors.to(device=self.device, dtype=self.dtype)
+        factors = factors.to(device=self.device, dtype=torch.float64)
         return -self.directional(factors, Z_part)
 
     def directional(self, vectors, data):
-        """``vectors @ grad g(z)`` for every example of ``data``: ``(k, len)`` numpy."""
+        """``vectors @ grad g(z)`` for every example of ``data``: ``(k, len)`` float64 numpy.
+
+        Filled batch by batch (chunk by chunk with several workers) into one preallocated
+        array, so that memory peaks at about the size of the result. Forward-mode sections
+        hold the forward-mode lock; every part is checked for NaN and infinity, and an
+        error names the example.
+        """
+        from ._solvers import FORWARD_MODE_LOCK, NonFiniteError, locked_call, require_finite
+
+        require_finite(vectors, "pretrain", "the influence factors scored against the "
+                       f"gradients of {data.name}")
+        m = len(data)
+        result = np.empty((len(vectors), m), dtype=np.float64)
+
+        def store(part, start):
+            part = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else part
+            finite = np.isfinite(part).all(axis=0)
+            if not finite.all():
+                index = start + int(np.flatnonzero(~finite)[0])
+                raise NonFiniteError(
+                    "Non-finite values in the pretrain stage: the derivative of "
+                    f"pretrain_loss on example {index} of {data.name} along the influence "
+                    "factors is NaN or infinite (its loss or gradient overflows at the "
+                    "pretrain weights: model outputs too large for the dtype?). Remove "
+                    "the example or fix the model.", "pretrain")
+            result[:, start:start + part.shape[1]] = part
+
         workers = effective_n_jobs(self.n_jobs)
         if workers == 1 or isinstance(data, LoaderSource):
-            return self.pretrain.directional(vectors, data, self.batch_size, self.device,
-                                             self.verbose).cpu().numpy().astype(np.float64)
-        m = len(data)
-        chunk = max(self.batch_size, -(-m // (4 * workers)))
+            start = 0
+            batches = data.batches(self.batch_size, self.device)
+            total = -(-m // self.batch_size)
+            with FORWARD_MODE_LOCK:
+                for inputs, targets in progress(batches, self.verbose, total,
+                                                "scoring pretrain set"):
+                    batch = TensorSource(inputs, targets, data.name, self.dtype)
+                    store(self.pretrain.directional(vectors, batch, len(targets),
+                                                    self.device), start)
+                    start += len(targets)
+            return result
+        # Chunks small enough that those held by joblib at once stay well below the result.
+        chunk = max(self.batch_size, -(-m // (8 * workers)))
         starts = range(0, m, chunk)
         vectors = vectors.cpu()
-        tasks = (delayed(_directional_chunk)(self.pretrain, vectors,
-                                             data.subset(start, start + chunk),
-                                             self.batch_size, self.device)
+        tasks = (delayed(locked_call)(_directional_chunk, self.pretrain, vectors,
+                                      data.subset(start, start + chunk), self.batch_size,
+                                      self.device)
                  for start in starts)
         parts = Parallel(n_jobs=self.n_jobs, return_as="generator")(tasks)
-        return np.concatenate(list(progress(parts, self.verbose, len(starts),
-                                            "scoring pretrain chunks")),
-                              axis=1).astype(np.float64)
+        for start, part in zip(starts, progress(parts, self.verbose, len(starts),
+                                                "scoring pretrain chunks")):
+            store(part, start)
+        return result
 
     def influence_to_file(self, data, path):
+        """:meth:`influence` written to ``path`` one test chunk at a time, resumably.
+
+        A partial result (``path + ".partial"``) is resumed only when its progress record
+        carries this computation's :meth:`fingerprint`; another computation's is discarded
+        with a warning that says what differs. An existing file at ``path`` is never
+        overwritten, and a directory that does not exist or cannot be written is refused
+        before any computing.
+        """
+        import tempfile
+
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(
+                f"out={path!r} is a directory; pass the path of a .npy file, for example "
+                f"{os.path.join(path, 'influence.npy')!r}.")
+        if not os.path.isdir(directory):
+            raise ValueError(
+                f"out={path!r}: the directory {directory!r} does not exist. Create it "
+                "(os.makedirs) or pass another path.")
+        try:
+            handle, probe = tempfile.mkstemp(dir=directory, prefix=".skmsif-write-test-")
+            os.close(handle)
+            os.remove(probe)
+        except OSError as exc:
+            raise ValueError(
+                f"out={path!r}: the directory {directory!r} cannot be written ({exc}). "
+                "Pass a path in a writable directory.") from exc
         partial, record = path + ".partial", path + ".progress.json"
         shape = (len(data), self.n_pretrain)
-        fingerprint = self.fingerprint(data)
+        parts = {}
+        fingerprint = self.fingerprint(data, parts)
+        starts = list(range(0, shape[0], self.batch_size))
+        saved = None
+        if os.path.exists(record):
+            try:
+                with open(record, encoding="utf-8") as handle:
+                    saved = json.load(handle)
+            except (OSError, ValueError):
+                saved = None
+            if not isinstance(saved, dict):
+                saved = None
+        ours = (fingerprint is not None and saved is not None
+                and saved.get("fingerprint") == fingerprint)
+        if os.path.exists(path):
+            if ours and not os.path.exists(partial) and \
+                    sorted(saved.get("done", [])) == list(range(len(starts))):
+                # Interrupted between publishing the result and removing the record.
+                os.remove(record)
+                return np.load(path, mmap_mode="r")
+            raise ValueError(
+                f"out={path!r} already exists and is not a partial result of this "
+                "computation (no matching progress record); it is not overwritten. Delete "
+                f"it (os.remove({path!r})) to compute afresh, or pass another path.")
+        if fingerprint is None:
+            warnings.warn(
+                f"out={path!r}: this computation cannot be resumed if interrupted: "
+                f"{parts['unidentified']}. Pass a loss defined with def at module level "
+                "(its code, defaults and closure values identify it).", UserWarning,
+                stacklevel=3)
         done = set()
-        if os.path.exists(partial) and os.path.exists(record):
-            with open(record, encoding="utf-8") as handle:
-                saved = json.load(handle)
-            if saved.get("fingerprint") == fingerprint:
-                done = set(saved["done"])
-        if done:
-            array = np.lib.format.open_memmap(partial, mode="r+")
-        else:
+        array = None
+        if ours and os.path.exists(partial):
+            try:
+                array = np.lib.format.open_memmap(partial, mode="r+")
+            except (OSError, ValueError):
+                array = None
+            if array is not None and (array.shape != shape or array.dtype != np.float64):
+                array = None
+            if array is not None:
+                done = {int(chunk) for chunk in saved.get("done", [])
+                        if 0 <= int(chunk) < len(starts)}
+        elif saved is not None and fingerprint is not None and os.path.exists(partial):
+            previous = saved.get("parts") or {}
+            differing = sorted(key for key in parts if previous.get(key) != parts[key])
+            warnings.warn(
+                f"out={path!r}: the partial result {partial!r} belongs to another "
+                f"computation (differing: {', '.join(differing) or 'unknown'}); it is "
+                "discarded and the computation starts afresh.", UserWarning, stacklevel=3)
+        if array is None:
             array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float64,
                                               shape=shape)
-        starts = list(range(0, shape[0], self.batch_size))
         for chunk, start in enumerate(progress(starts, self.verbose, len(starts),
                                                "test chunks")):
             if chunk in done:
@@ -802,26 +951,249 @@ class _FittedState:
             array[start:stop] = self.influence(data.subset(start, stop), summed=False)
             array.flush()
             done.add(chunk)
-            _write_json_atomically(record, {"fingerprint": fingerprint,
-                                            "done": sorted(done)})
+            _write_json_atomically(record, {"format": "skmsif.influence-progress/2",
+                                            "fingerprint": fingerprint, "parts": parts,
+                                            "shape": list(shape), "done": sorted(done)})
         del array
         os.replace(partial, path)
         os.remove(record)
         return np.load(path, mmap_mode="r")
 
-    def fingerprint(self, data):
-        """Identifies a computation: settings, fitted weights and the data."""
-        digest = new_hasher()
-        params = {key: value if isinstance(value, (str, int, float, bool, type(None),
-                                                   list, tuple))
-                  else getattr(value, "__qualname__", type(value).__name__)
-                  for key, value in self.settings.items()}
-        digest.update(json.dumps(params, sort_keys=True, default=str).encode())
-        for tensor in (self.pretrain.point, self.finetune.point):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        fingerprint_sources(digest, data)
-        digest.update(str((self.n_pretrain, self.batch_size)).encode())
-        return digest.hexdigest()
+    def fingerprint(self, data, parts=None):
+        """Identifies a computation: everything that determines the influence on ``data``.
+
+        A digest of each part: the package and torch versions, the settings that change
+        results (``n_jobs`` and ``verbose`` do not), the model copies (architecture, the
+        code of user-defined modules, every parameter and buffer), the data ``Z`` and
+        ``X`` (streamed digests, computed once and cached here), the drawn Hessian
+        subsample, the losses (a callable by its code, constants, defaults, closure values
+        and the globals it reads: a name such as ``<lambda>`` identifies nothing), the
+        fitted solvers when their random draw cannot be replayed, and ``data``.
+
+        Parameters
+        ----------
+        data : skmsif._data.DataSource
+            The test points.
+        parts : dict, default=None
+            Receives the digest of each part, and under ``"unidentified"`` the reason
+            when a part cannot be identified.
+
+        Returns
+        -------
+        fingerprint : str or None
+            ``None`` when a part cannot be identified (a loss whose closure or globals hold
+            an object of unknown kind): such a computation is never resumed.
+        """
+        import builtins
+        import functools
+        import types
+
+        import skmsif
+
+        from ._solvers import FORWARD_MODE_LOCK
+
+        parts = {} if parts is None else parts
+
+        class Unidentified(Exception):
+            pass
+
+        library = ("torch", "numpy", "builtins", "functools", "math", "scipy", "sklearn")
+
+        def is_library(kind):
+            return (getattr(kind, "__module__", None) or "").split(".")[0] in library
+
+        def code_bytes(hasher, code):
+            hasher.update(code.co_code)
+            hasher.update(repr((code.co_names, code.co_argcount, code.co_kwonlyargcount,
+                                code.co_flags)).encode())
+            for constant in code.co_consts:
+                if isinstance(constant, types.CodeType):
+                    code_bytes(hasher, constant)
+                else:
+                    hasher.update(repr(constant).encode())
+
+        def global_names(code):
+            names = set(code.co_names)
+            for constant in code.co_consts:
+                if isinstance(constant, types.CodeType):
+                    names |= global_names(constant)
+            return names
+
+        def feed(hasher, value, seen, depth=0):
+            if depth > 20:
+                raise Unidentified("it nests objects too deeply")
+            if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+                hasher.update(f"{type(value).__name__}:{value!r};".encode())
+                return
+            if isinstance(value, (torch.dtype, torch.device, np.dtype, np.generic)):
+                hasher.update(f"{type(value).__name__}:{value!r};".encode())
+                return
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().cpu().contiguous()
+                hasher.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+                hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                return
+            if isinstance(value, np.ndarray):
+                if value.dtype == object:
+                    feed(hasher, value.tolist(), seen, depth + 1)
+                    return
+                hasher.update(f"array:{value.dtype}:{value.shape};".encode())
+                hasher.update(np.ascontiguousarray(value).tobytes())
+                return
+            if isinstance(value, (list, tuple)):
+                hasher.update(f"{type(value).__name__}:{len(value)};".encode())
+                for item in value:
+                    feed(hasher, item, seen, depth + 1)
+                return
+            if isinstance(value, (set, frozenset)):
+                hasher.update(f"set:{sorted(repr(item) for item in value)!r};".encode())
+                return
+            if isinstance(value, dict):
+                hasher.update(f"dict:{len(value)};".encode())
+                for key in sorted(value, key=repr):
+                    feed(hasher, key, seen, depth + 1)
+                    feed(hasher, value[key], seen, depth + 1)
+                return
+            if isinstance(value, types.ModuleType):
+                hasher.update(f"module:{value.__name__};".encode())
+                return
+            if id(value) in seen:
+                hasher.update(b"seen;")
+                return
+            seen = seen | {id(value)}
+            if isinstance(value, type):
+                hasher.update(f"type:{value.__module__}.{value.__qualname__};".encode())
+                if not is_library(value):
+                    for attribute in ("__call__", "forward"):
+                        method = value.__dict__.get(attribute)
+                        if isinstance(method, types.FunctionType):
+                            feed(hasher, method, seen, depth + 1)
+                return
+            if isinstance(value, functools.partial):
+                hasher.update(b"partial;")
+                for item in (value.func, value.args, value.keywords):
+                    feed(hasher, item, seen, depth + 1)
+                return
+            if isinstance(value, types.MethodType):
+                hasher.update(b"method;")
+                feed(hasher, value.__func__, seen, depth + 1)
+                feed(hasher, value.__self__, seen, depth + 1)
+                return
+            if isinstance(value, types.FunctionType):
+                hasher.update(f"function:{value.__module__}.{value.__qualname__};".encode())
+                code_bytes(hasher, value.__code__)
+                feed(hasher, value.__defaults__, seen, depth + 1)
+                feed(hasher, value.__kwdefaults__, seen, depth + 1)
+                for cell in value.__closure__ or ():
+                    try:
+                        contents = cell.cell_contents
+                    except ValueError:
+                        hasher.update(b"empty-cell;")
+                    else:
+                        feed(hasher, contents, seen, depth + 1)
+                namespace = value.__globals__
+                for name in sorted(global_names(value.__code__)):
+                    if name in namespace:
+                        hasher.update(f"global:{name};".encode())
+                        feed(hasher, namespace[name], seen, depth + 1)
+                    elif not hasattr(builtins, name):
+                        hasher.update(f"unbound:{name};".encode())
+                return
+            if callable(value) and not hasattr(value, "__dict__") and hasattr(
+                    value, "__qualname__"):
+                # Built-in functions and methods (torch.log, math.exp, ...).
+                owner = getattr(value, "__self__", None)
+                hasher.update(f"builtin:{getattr(value, '__module__', '')}."
+                              f"{value.__qualname__};".encode())
+                if owner is not None and not isinstance(owner, types.ModuleType):
+                    feed(hasher, owner, seen, depth + 1)
+                return
+            if isinstance(value, np.ufunc):
+                hasher.update(f"ufunc:{value.__name__};".encode())
+                return
+            if hasattr(value, "__dict__") and not hasattr(type(value), "__slots__"):
+                # An object (a loss module, a callable instance): its class and attributes.
+                feed(hasher, type(value), seen, depth + 1)
+                feed(hasher, dict(vars(value)), seen, depth + 1)
+                return
+            raise Unidentified(f"it holds a {type(value).__module__}."
+                               f"{type(value).__qualname__} object, which has no "
+                               "identity by value")
+
+        def digest_of(*values):
+            hasher = new_hasher()
+            for value in values:
+                feed(hasher, value, frozenset())
+            return hasher.hexdigest()
+
+        with FORWARD_MODE_LOCK:
+            fitted = getattr(self, "_fingerprint_cache", None)
+            if fitted is None:
+                fitted = {}
+                models = new_hasher()
+                for adapter in (self.pretrain.adapter, self.finetune_adapter):
+                    models.update(repr(adapter.module).encode())
+                    for module in adapter.module.modules():
+                        kind = type(module)
+                        forward = kind.__dict__.get("forward")
+                        if not is_library(kind) and isinstance(forward, types.FunctionType):
+                            code_bytes(models, forward.__code__)
+                    for name in sorted(adapter.state):
+                        models.update(name.encode())
+                        feed(models, adapter.state[name], frozenset())
+                fitted["models"] = models.hexdigest()
+                for key, source in (("Z", self.Z), ("X", self.X)):
+                    hasher = new_hasher()
+                    fingerprint_sources(hasher, source)
+                    fitted[key] = hasher.hexdigest()
+                fitted["hessian_sample"] = digest_of(self.public.get("hessian_indices_"))
+                self._fingerprint_cache = fitted
+        parts.update(fitted)
+        parts["version"] = digest_of(getattr(skmsif, "__version__", "unknown"),
+                                     torch.__version__, np.__version__)
+        settings = {key: value for key, value in self.settings.items()
+                    if key not in ("n_jobs", "verbose", "pretrain_loss", "finetune_loss")}
+        random_state = settings.get("random_state")
+        replayable = random_state is None or isinstance(random_state, Integral)
+        if not replayable:
+            settings["random_state"] = type(random_state).__name__  # the draws: below
+        reasons = []
+        try:
+            parts["settings"] = digest_of(settings)
+        except Unidentified as exc:
+            reasons.append(f"a setting cannot be identified ({exc})")
+        for key, spec in (("pretrain_loss", self.pretrain.adapter.loss_spec),
+                          ("finetune_loss", self.finetune_adapter.loss_spec)):
+            try:
+                parts[key] = digest_of(spec)
+            except Unidentified as exc:
+                reasons.append(f"{key}={getattr(spec, '__qualname__', spec)!r} cannot be "
+                               f"identified ({exc})")
+        deterministic = ("exact", "cg", "identity")
+        solvers = []
+        for backend in (self.pretrain_backend, self.finetune_backend):
+            name = getattr(backend, "name", None)
+            if name in deterministic or (name == "lowrank" and replayable):
+                continue
+            # A draw that random_state cannot replay, or a backend not known to be
+            # deterministic: the fitted arrays themselves.
+            solver = getattr(backend, "solver", None)
+            solvers.append({key: value for key, value in vars(solver or backend).items()
+                            if key.endswith("_") and isinstance(
+                                value, (torch.Tensor, np.ndarray, dict))})
+        try:
+            parts["solvers"] = digest_of(solvers)
+        except Unidentified as exc:
+            reasons.append(f"a fitted solver cannot be identified ({exc})")
+        hasher = new_hasher()
+        fingerprint_sources(hasher, data)
+        parts[data.name] = hasher.hexdigest()
+        if reasons:
+            parts["unidentified"] = "; ".join(reasons)
+            return None
+        total = new_hasher()
+        total.update(json.dumps(parts, sort_keys=True).encode())
+        return total.hexdigest()
 
 
 class StationarityWarning(UserWarning):
@@ -858,12 +1230,12 @@ def _stationarity(state, s, pairs):
                "finetune_damping"))
     for stage, objective, data, damping, damping_name in stages:
         loss_gradient = objective.mean_gradient(data, state.batch_size, state.device)
-        terms = [loss_gradient, damping * objective.point]
+        terms = [loss_gradient, damping * objective.point.to(torch.float64)]
         if stage == "finetune":
             if state.embedding == "fixed":
                 terms = [term[state.theta_index] for term in terms]
             else:
-                anchor = torch.zeros_like(objective.point)
+                anchor = torch.zeros_like(loss_gradient)
                 anchor[state.shared_fin_index] = (
                     objective.point[state.shared_fin_index]
                     - state.pretrain.point[state.shared_pre_index])
