@@ -141,11 +141,19 @@ class IterativeBackend(Backend, name="cg"):
 
 
 class LowRankBackend(Backend, name="lowrank"):
-    """The ``rank`` eigenpairs of largest magnitude, by Lanczos, computed once.
+    """The ``rank`` eigenpairs of largest magnitude, by Lanczos, plus the damping elsewhere.
 
-    In Case 1 the finetune solution ``x = V diag(1/lambda) V^T b`` lies in the span of the
-    kept eigenvectors ``V``, so ``H_WTheta x`` is a combination of the ``H_WTheta v_j``:
-    :meth:`solve_and_map` computes those once and reuses them for every test point.
+    ``solve(b) = V diag(1/lambda) V^T b + (b - V V^T b) / shift``: the kept eigenpairs
+    ``(lambda, V)`` of the damped curvature (Lanczos, computed once in ``fit``) and, on the
+    dropped part of the spectrum, whose eigenvalues are the smallest in magnitude, only the
+    damping (their undamped eigenvalues taken as zero). Without that remainder term the
+    dropped part of ``b`` would be lost entirely, which is far from a converged solve when
+    most of ``b`` lies there. Exact at full rank, and whenever the undamped curvature has
+    rank at most ``rank``.
+
+    In Case 1 the finetune solution's part in the span of ``V`` maps through ``H_WTheta``
+    as a combination of the ``H_WTheta v_j``, computed once and reused for every test
+    point; the remainder is mapped directly (one product for all test points).
     """
 
     def __init__(self, operator, shift, settings, damping_name):
@@ -153,14 +161,36 @@ class LowRankBackend(Backend, name="lowrank"):
         self.solver = LowRankSolver(operator.matvec, shift, settings.rank,
                                     settings.random_state, operator.name, settings.verbose)
         self._mapped_basis = None
+        self._full_rank = len(self.solver.eigenvalues_) >= shift.numel()
+
+    def _parts(self, rhs):
+        solver = self.solver
+        vectors = solver.eigenvectors_
+        wide = rhs.to(torch.float64)
+        projections = wide @ vectors.T
+        coefficients = projections / solver.eigenvalues_
+        remainder = None
+        if not self._full_rank:
+            remainder = (wide - projections @ vectors) / self.shift.to(torch.float64)
+        return coefficients, remainder
+
+    def solve(self, rhs):
+        coefficients, remainder = self._parts(rhs)
+        solution = coefficients @ self.solver.eigenvectors_
+        if remainder is not None:
+            solution = solution + remainder
+        return solution.to(rhs.dtype)
 
     def solve_and_map(self, rhs, linear_map):
-        solver = self.solver
         if self._mapped_basis is None:
-            self._mapped_basis = linear_map(solver.eigenvectors_.to(rhs.dtype))
-        coefficients = (rhs.to(torch.float64) @ solver.eigenvectors_.T) / solver.eigenvalues_
-        solution = (coefficients @ solver.eigenvectors_).to(rhs.dtype)
-        return solution, coefficients.to(rhs.dtype) @ self._mapped_basis
+            self._mapped_basis = linear_map(self.solver.eigenvectors_.to(rhs.dtype))
+        coefficients, remainder = self._parts(rhs)
+        solution = coefficients @ self.solver.eigenvectors_
+        mapped = coefficients.to(self._mapped_basis.dtype) @ self._mapped_basis
+        if remainder is not None:
+            solution = solution + remainder
+            mapped = mapped + linear_map(remainder.to(rhs.dtype))
+        return solution.to(rhs.dtype), mapped
 
 
 def backend_class(name):

@@ -84,3 +84,27 @@ def test_identity_solver_returns_a_copy():
     rhs = torch.ones(2, 3)
     solved = IdentitySolver().solve(rhs)
     assert torch.equal(solved, rhs) and solved is not rhs
+
+
+def test_lowrank_backend_keeps_the_damping_on_the_dropped_spectrum():
+    """With a curvature of rank 3, rank 3 plus the remainder term is an exact solve; the
+    eigenpairs alone would drop the part of b outside their span."""
+    from types import SimpleNamespace
+
+    from skmsif._backends import LowRankBackend, SolveSettings
+
+    gen = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(12, 3, generator=gen, dtype=torch.float64))
+    curvature = basis @ torch.diag(torch.tensor([5.0, -2.0, 0.5], dtype=torch.float64)) \
+        @ basis.T
+    shift = torch.full((12,), 0.1, dtype=torch.float64)
+    operator = SimpleNamespace(matvec=lambda v: v @ curvature, name="test")
+    backend = LowRankBackend(operator, shift, SolveSettings(rank=3, random_state=0), "d")
+    rhs = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(curvature + torch.diag(shift), rhs.T).T
+    assert torch.allclose(backend.solve(rhs), expected, atol=1e-10)
+    solution, mapped = backend.solve_and_map(rhs, lambda v: 2 * v[:, :5])
+    assert torch.allclose(mapped, 2 * expected[:, :5], atol=1e-10)
+    eigen_only = (rhs @ backend.solver.eigenvectors_.T / backend.solver.eigenvalues_) \
+        @ backend.solver.eigenvectors_
+    assert (eigen_only - expected).norm() > 0.1 * expected.norm()
