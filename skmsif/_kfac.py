@@ -113,6 +113,15 @@ def _unsqueeze(tree):
     return tree.unsqueeze(0) if isinstance(tree, torch.Tensor) else tree
 
 
+def _first_row(tree):
+    """Drop the leading batch dimension (of one) of a tensor, or of each tensor of a dict."""
+    if isinstance(tree, dict):
+        return {key: _first_row(value) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_first_row(value) for value in tree)
+    return tree[0] if isinstance(tree, torch.Tensor) else tree
+
+
 def _slice(tree, start, stop):
     """Rows ``start:stop`` of a tensor, or of each tensor of a dict."""
     if isinstance(tree, dict):
@@ -600,10 +609,25 @@ class KroneckerCurvature:
 
         for start in range(0, batch, step):
             stop = min(batch, start + step)
-            result = vmap(squared, in_dims=(None, 0, 0))(
-                params, _slice(inputs, start, stop), factor[start:stop])
-            for name, value in result.items():
-                self._diagonal_sums[name] += value.to(torch.float64).sum(0)
+            if not getattr(self, "_loop_examples", False):
+                try:
+                    result = vmap(squared, in_dims=(None, 0, 0))(
+                        params, _slice(inputs, start, stop), factor[start:stop])
+                except RuntimeError as exc:
+                    # A forward that branches on its inputs' values (transformers' mask
+                    # checks) cannot be vmapped over examples: one example at a time.
+                    if "vmap" not in str(exc) or "data-dependent" not in str(exc):
+                        raise
+                    self._loop_examples = True
+                else:
+                    for name, value in result.items():
+                        self._diagonal_sums[name] += value.to(torch.float64).sum(0)
+                    continue
+            for row in range(start, stop):
+                one_input = _first_row(_slice(inputs, row, row + 1))
+                result = squared(params, one_input, factor[row])
+                for name, value in result.items():
+                    self._diagonal_sums[name] += value.to(torch.float64)
 
     def _finish_factors(self, layers, sums, n_examples):
         """Normalise the sums, eigendecompose, and set K-FAC's eigenvalues."""

@@ -177,7 +177,7 @@ def test_exact_matches_dense_reference_on_a_tiny_bert(case):
             assert parameter.requires_grad == requires[name] and parameter.grad is None
 
 
-@pytest.mark.parametrize("hessian", ["cg", "lowrank", "identity"])
+@pytest.mark.parametrize("hessian", ["cg", "lowrank", "identity", "kfac", "ekfac"])
 def test_every_backend_runs_on_a_default_bert(hessian):
     """Hessian-vector products and forward-mode scoring work on the default model."""
     pretrain, finetune, Z, X, x_test = make_problem("fixed")
