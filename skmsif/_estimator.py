@@ -475,6 +475,13 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         TypeError
             For positions that are not integers.
 
+        Warns
+        -----
+        ConvergenceWarning
+            With ``newton_steps >= 2``, naming the entries for which a stage's gradient
+            was larger after the steps than before them (the removal moves the weights
+            beyond where Newton's method converges; their effects are unreliable).
+
         Notes
         -----
         The influence function assumes the given weights minimise the full-data
@@ -847,8 +854,9 @@ class _FittedState:
                                                     self.device), start)
                     start += len(targets)
             return result
-        # Chunks small enough that those held by joblib at once stay well below the result.
-        chunk = max(self.batch_size, -(-m // (8 * workers)))
+        # Chunks small enough that those held by joblib at once stay well below the
+        # result, and whole batches, so that every batch is the serial run's (same bits).
+        chunk = self.batch_size * max(1, -(-m // (8 * workers * self.batch_size)))
         starts = range(0, m, chunk)
         vectors = vectors.cpu()
         tasks = (delayed(locked_call)(_directional_chunk, self.pretrain, vectors,
@@ -1237,8 +1245,8 @@ def _stationarity(state, s, pairs):
             else:
                 anchor = torch.zeros_like(loss_gradient)
                 anchor[state.shared_fin_index] = (
-                    objective.point[state.shared_fin_index]
-                    - state.pretrain.point[state.shared_pre_index])
+                    objective.point[state.shared_fin_index].to(torch.float64)
+                    - state.pretrain.point[state.shared_pre_index].to(torch.float64))
                 terms.append(2 * state.alpha * anchor)
         total = float(torch.stack(terms).sum(0).norm())
         scale = float(sum(term.norm() for term in terms))
