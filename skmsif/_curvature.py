@@ -163,6 +163,24 @@ class Objective:
                 f"{model_name} is exactly zero on the first batch of {data.name}, though "
                 f"the losses are not zero. {detached}"
             )
+        if (getattr(self.adapter, "loss_spec", None) == "cross_entropy"
+                and not isinstance(getattr(data, "targets", None), torch.Tensor)):
+            # The probe saw the labels of the first batch only (a Dataset or DataLoader
+            # is streamed): a label out of range later would fail deep inside torch.
+            with torch.no_grad():
+                n_classes = self.outputs(self.point, inputs).shape[-1]
+            offset = 0
+            for _, batch_targets in data.batches(batch_size, device):
+                bad = (batch_targets < 0) | (batch_targets >= n_classes)
+                if bool(bad.any()):
+                    row = int(bad.reshape(len(batch_targets), -1).any(dim=1).nonzero()[0])
+                    raise ValueError(
+                        f"{data.name}: example {offset + row} has label "
+                        f"{batch_targets[row].tolist()}, but {model_name} outputs "
+                        f"{n_classes} classes, so labels must lie in [0, {n_classes - 1}]."
+                        " Relabel the classes from 0 or give the model's head more outputs."
+                    )
+                offset += len(batch_targets)
 
     def mean_gradient(self, data, batch_size, device):
         """Gradient of the mean loss over ``data`` at the current point ``(p,)``, float64."""

@@ -74,7 +74,7 @@ def _check_lengths(inputs, targets, name):
             f"{name}: inputs and targets need a first dimension that indexes examples; "
             f"got scalars for {[key for key, value in lengths.items() if value is None]}."
         )
-    if len(set(lengths.values())) != 1 and len(lengths) == 2:
+    if len(set(lengths.values())) != 1 and set(lengths) == {"inputs", "targets"}:
         raise ValueError(
             f"{name}: inputs have {lengths['inputs']} examples but targets have "
             f"{lengths['targets']}; they must have the same length."

@@ -734,8 +734,7 @@ class _FittedState:
         whose state PyTorch keeps per process). Every step is checked: NaN or infinity
         raises a ``ValueError`` naming the stage and, where one is to blame, the example.
         """
-        from ._solvers import (FORWARD_MODE_LOCK, NonFiniteError, locate_nonfinite,
-                               require_finite)
+        from ._solvers import FORWARD_MODE_LOCK, NonFiniteError, locate_nonfinite, require_finite
 
         def blame(objective, data, indices):
             found = locate_nonfinite(objective, data, self.batch_size, self.device, indices)
@@ -1162,8 +1161,9 @@ class _FittedState:
         settings = {key: value for key, value in self.settings.items()
                     if key not in ("n_jobs", "verbose", "pretrain_loss", "finetune_loss")}
         random_state = settings.get("random_state")
-        replayable = random_state is None or isinstance(random_state, Integral)
-        if not replayable:
+        # Only an int replays its draws; None and a RandomState draw afresh at each fit.
+        replayable = isinstance(random_state, Integral)
+        if random_state is not None and not replayable:
             settings["random_state"] = type(random_state).__name__  # the draws: below
         reasons = []
         try:

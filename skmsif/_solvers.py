@@ -7,8 +7,17 @@ right-hand side per row; the iterative solvers advance all rows together, so eac
 iteration costs one batched
 Hessian-vector product (``hvp`` maps ``(k, p)`` to ``(k, p)``). Everything stays in torch,
 on the estimator's device.
+
+No solver returns NaN or infinity, nor zeros in their place: a Hessian, a product with it,
+a right-hand side or a solution that is not finite raises :class:`NonFiniteError` (a
+``ValueError``) naming the stage, never a ``ConvergenceWarning`` about iterations.
+
+:data:`FORWARD_MODE_LOCK` serialises the sections that use forward-mode differentiation
+(``torch.func.jvp``): PyTorch keeps its forward-mode state per process, not per thread,
+so two threads in such a section at once break each other (see :func:`locked_call`).
 """
 
+import threading
 import warnings
 
 import torch
@@ -19,6 +28,101 @@ from ._progress import progress
 
 # Restarts of a Krylov run whose measured residual is still above tol.
 _MAX_RESTARTS = 10
+
+#: Held around every section that uses forward-mode derivatives (``torch.func.jvp``):
+#: PyTorch's forward-mode "dual level" is process-global, so two threads inside ``jvp`` at
+#: once fail ("no level exists") or corrupt each other's tangents. Reentrant.
+FORWARD_MODE_LOCK = threading.RLock()
+
+
+def locked_call(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` while holding :data:`FORWARD_MODE_LOCK`.
+
+    Module level, so that joblib ships it to process workers by reference (each process
+    has its own lock; threads of one process share it).
+    """
+    with FORWARD_MODE_LOCK:
+        return function(*args, **kwargs)
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinity met in a stage of the computation.
+
+    Parameters
+    ----------
+    message : str
+    stage : str
+        ``"pretrain"``, ``"finetune"`` or another stage name.
+    """
+
+    def __init__(self, message, stage=""):
+        super().__init__(message)
+        self.stage = stage
+
+
+def _describe_nonfinite(tensor):
+    values = tensor.detach()
+    n_nan = int(torch.isnan(values).sum())
+    n_inf = int(torch.isinf(values).sum())
+    return f"{n_nan} NaN and {n_inf} infinite of {values.numel()} values"
+
+
+def require_finite(tensor, stage, what, advice=""):
+    """Raise :class:`NonFiniteError` unless every value of ``tensor`` is finite.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+    stage : str
+        The stage named in the message (``"pretrain"``, ``"finetune"``).
+    what : str
+        What ``tensor`` is, for the message.
+    advice : str, default=""
+        Appended to the message.
+    """
+    if bool(torch.isfinite(tensor).all()):
+        return tensor
+    raise NonFiniteError(
+        f"Non-finite values in the {stage} stage: {what} ({_describe_nonfinite(tensor)})."
+        + (f" {advice}" if advice else ""), stage)
+
+
+def locate_nonfinite(objective, data, batch_size, device, indices=None):
+    """The first example of ``data`` whose loss or gradient is NaN or infinite.
+
+    Parameters
+    ----------
+    objective : skmsif._curvature.Objective
+        The stage's per-example losses at its point.
+    data : skmsif._data.DataSource
+    batch_size : int
+    device : torch.device
+    indices : torch.Tensor or None
+        Only these positions of ``data`` (a Hessian subsample).
+
+    Returns
+    -------
+    found : tuple of (int, str) or None
+        The example's position in ``data`` and ``"loss"`` or ``"gradient"``; ``None``
+        when every example's loss and gradient are finite.
+    """
+    positions = None if indices is None else [int(i) for i in indices]
+    offset = 0
+    for inputs, targets in data.batches(batch_size, device, indices):
+        count = len(targets)
+        with torch.no_grad():
+            losses = objective.losses(objective.point, inputs, targets)
+        bad = ~torch.isfinite(losses.reshape(count, -1)).all(dim=1)
+        kind = "loss"
+        if not bool(bad.any()):
+            gradients = objective.per_example_grads(inputs, targets)
+            bad = ~torch.isfinite(gradients.reshape(count, -1)).all(dim=1)
+            kind = "gradient"
+        if bool(bad.any()):
+            row = offset + int(bad.nonzero()[0])
+            return (row if positions is None else positions[row]), kind
+        offset += count
+    return None
 
 
 class IdentitySolver:
@@ -31,9 +135,15 @@ class IdentitySolver:
 class _EigenSolver:
     """Solves with eigenpairs ``(values, vectors)`` of the damped Hessian."""
 
+    name = ""
+
     def solve(self, rhs):
+        require_finite(rhs, self.name, f"a right-hand side of the {self.name} solve")
         coefficients = rhs.to(torch.float64) @ self.eigenvectors_.T
-        return ((coefficients / self.eigenvalues_) @ self.eigenvectors_).to(rhs.dtype)
+        solution = ((coefficients / self.eigenvalues_) @ self.eigenvectors_).to(rhs.dtype)
+        return require_finite(
+            solution, self.name, f"the solution of the damped {self.name} Hessian system "
+            f"overflows {rhs.dtype}", "Raise the damping, or use dtype='float64'.")
 
 
 class ExactSolver(_EigenSolver):
@@ -58,6 +168,10 @@ class ExactSolver(_EigenSolver):
     """
 
     def __init__(self, hessian, shift, name, damping_name):
+        self.name = name
+        require_finite(hessian, name, f"the dense {name} Hessian",
+                       "An example's loss or its derivatives overflow at the fitted "
+                       "weights (model outputs too large for the dtype?).")
         matrix = hessian.to(torch.float64) + torch.diag(shift.to(torch.float64))
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
         self.eigenvalues_, self.eigenvectors_ = eigenvalues, eigenvectors.T
@@ -102,6 +216,7 @@ class LowRankSolver(_EigenSolver):
     """
 
     def __init__(self, hvp, shift, rank, random_state, name, verbose=0):
+        self.name = name
         p = shift.numel()
         rank = min(rank, p)
         steps = min(p, max(2 * rank, rank + 20))
@@ -120,7 +235,10 @@ class LowRankSolver(_EigenSolver):
         vector = random_unit(basis, 0)
         for step in progress(range(steps), verbose, steps, f"{name} Lanczos"):
             basis[step] = vector
-            image = hvp(vector[None])[0] + shift * vector
+            image = require_finite(
+                hvp(vector[None])[0] + shift * vector, name,
+                f"a product with the {name} Hessian (Lanczos step {step + 1})",
+                "An example's loss or its derivatives overflow at the fitted weights.")
             alphas[step] = float(vector @ image)
             # Full reorthogonalisation, twice: the basis stays orthonormal to precision.
             for _ in range(2):
@@ -191,9 +309,14 @@ class IterativeSolver:
         self.history_ = []
 
     def _apply(self, vectors):
-        return self.hvp(vectors) + self.shift * vectors
+        return require_finite(
+            self.hvp(vectors) + self.shift * vectors, self.name,
+            f"a product with the damped {self.name} Hessian during a {self.method} solve",
+            "An example's loss or its derivatives overflow at the fitted weights (model "
+            "outputs too large for the dtype?), or the iterates diverged.")
 
     def solve(self, rhs):
+        require_finite(rhs, self.name, f"a right-hand side of the {self.name} solve")
         tol = max(self.tol, 100 * torch.finfo(rhs.dtype).eps)
         rhs_norm = rhs.norm(dim=1)
         x = torch.zeros_like(rhs)
@@ -222,6 +345,8 @@ class IterativeSolver:
             factor = torch.clamp(tol / residual[rows], max=0.1)
             inner_tol[rows] = torch.clamp(inner_tol[rows] * factor,
                                           min=torch.finfo(torch.float64).eps)
+        require_finite(x, self.name, f"the {self.method} solution of the damped "
+                       f"{self.name} Hessian system")
         converged = residual <= tol
         for index in range(len(rhs)):
             self.history_.append({"n_iter": int(n_iter[index]),

@@ -30,7 +30,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._checks import check_module, probe_model
+from ._checks import check_module, probe_model, resolve_device
 from ._data import as_data
 from ._losses import LOSSES, resolve_loss
 from ._model import call_model, private_copies
@@ -492,7 +492,7 @@ def leave_one_out(
     check_module(pretrain_model, "pretrain_model")
     check_module(finetune_model, "finetune_model")
     torch_dtype = getattr(torch, dtype)
-    device = torch.device(device)
+    device = resolve_device(device)
     if embedding == "updated" and alpha <= 0:
         raise ValueError(
             f"embedding='updated' needs alpha > 0 (the weight of alpha * ||W - W_bar||^2, "
