@@ -329,7 +329,12 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             raise ValueError("n_jobs=0 is not valid: pass None (one worker), a positive "
                              "number of workers, or -1 (all cores).")
         settings = dict(self.get_params(deep=False))
-        fitted = _FittedState.build(settings, pretrain_model, finetune_model, Z, X)
+        from ._solvers import FORWARD_MODE_LOCK
+
+        # Dense curvatures, Lanczos and factors use forward-mode AD, whose state is
+        # process-global: fits in several threads take turns.
+        with FORWARD_MODE_LOCK:
+            fitted = _FittedState.build(settings, pretrain_model, finetune_model, Z, X)
         # Only a fit that succeeded replaces the previous fitted state.
         for key in [key for key in vars(self) if key.endswith("_") and not key.startswith("_")]:
             delattr(self, key)
@@ -452,13 +457,16 @@ class MultiStageInfluenceEstimator(BaseEstimator):
             group), one scoring pass for all entries. ``k >= 1``: ``k`` Newton steps
             from the pretrain weights on the pretrain objective without the removed
             examples ``S``, ``(1/(m - |S|)) sum_{j not in S} g(z_j) +
-            (pretrain_damping / 2) ||(W, U)||^2`` (the objective whose Hessian is the
-            estimator's damped pretrain Hessian), then the same number of Newton steps
-            from the finetuned weights on the finetune objective at the new embedding
-            ``W_S``: ``F(W_S, Theta) + (finetune_damping / 2) ||Theta||^2`` over
-            ``Theta`` (``embedding="fixed"``), or ``F + (finetune_damping / 2)
-            ||(W, Theta)||^2 + alpha ||W - W_S||^2`` over ``(W, Theta)``
-            (``"updated"``); the test loss is then evaluated exactly. See Notes.
+            (pretrain_damping / 2) ||(W, U)||^2``, whose Hessian is the estimator's
+            damped pretrain Hessian (on the remaining examples); then the finetune
+            stage re-solved at the new embedding ``W_S``: ``F(W_S, Theta) +
+            (finetune_damping / 2) ||Theta||^2`` over ``Theta``
+            (``embedding="fixed"``), or ``F + (finetune_damping / 2) ||(W, Theta)||^2 +
+            alpha ||W - W_S||^2`` over ``(W, Theta)`` (``"updated"``; the damped
+            Hessian of this objective is the estimator's ``K + finetune_damping I``),
+            by Newton steps with a backtracking line search from the finetuned weights
+            until its gradient has shrunk by ``1e-10``; the test loss is then evaluated
+            exactly there. See Notes.
 
         Returns
         -------
@@ -470,40 +478,50 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         ------
         ValueError
             For empty ``indices``, an empty group, a position out of range, a position
-            repeated within a group, or a ``newton_steps`` that is not a non-negative
-            int.
+            repeated within a group, a group of all of ``Z`` (with ``newton_steps >=
+            1``), or a ``newton_steps`` that is not a non-negative int.
         TypeError
             For positions that are not integers.
 
         Warns
         -----
         ConvergenceWarning
-            With ``newton_steps >= 2``, naming the entries for which a stage's gradient
-            was larger after the steps than before them (the removal moves the weights
-            beyond where Newton's method converges; their effects are unreliable).
+            Naming the entries whose pretrain gradient was larger after the Newton steps
+            than before them (``newton_steps >= 2``: the removal moves the weights
+            beyond where Newton's method converges), or whose finetune stage could not
+            be re-solved; their effects are unreliable.
 
         Notes
         -----
         The influence function assumes the given weights minimise the full-data
-        objectives. Each Newton step uses the gradient of the objective without ``S``
-        minus the full-data objective's gradient at the given weights (zero when the
-        models were trained to convergence on these objectives), so that a model not
-        trained exactly to their minimum is not pulled towards it: with nothing
-        removed the effect is zero.
+        objectives. Each gradient above is taken minus the full-data objective's
+        gradient at the given weights (zero when the models were trained to
+        convergence on these objectives, as :func:`~skmsif.validation.leave_one_out`
+        retrains them), so that a model not trained exactly to their minimum is not
+        pulled towards it: with nothing removed the effect would be zero.
 
-        Each step solves with the estimator's own backend: ``hessian="exact"`` forms
-        the dense curvature at the current weights; ``"cg"`` runs ``iterative_solver``
-        on curvature-vector products at the current weights; any other backend reuses
-        its fitted solve (the curvature at the trained weights, removed examples
-        included) as an approximation. ``curvature="gauss_newton"`` makes them
+        ``leave_one_out``'s own pretrain stage keeps the normalisation ``1/m`` after a
+        removal (``G + epsilon g(z)``, ``epsilon = -1/m``); the mean over the remaining
+        examples differs from it by ``pretrain_damping / m`` in the effective L2
+        weight. Pass a ``pretrain_fn`` that minimises the mean over the examples it is
+        given to compare with the same objective.
+
+        Each Newton step solves with the estimator's backend of that stage:
+        ``hessian="exact"`` forms the dense curvature at the current weights;
+        ``"cg"`` runs ``iterative_solver`` on curvature-vector products at the current
+        weights; any other backend reuses its fitted solve (the curvature at the
+        trained weights, removed examples included) as an approximation (chord
+        steps, which converge more slowly). ``curvature="gauss_newton"`` makes them
         Gauss-Newton steps. With ``hessian_samples`` the pretrain curvature is the
         subsample's, less the removed examples.
 
-        Cost per entry and step: two passes of gradients over ``Z`` and one over ``X``
-        plus one solve per stage (``"exact"``: a dense curvature, ``p`` curvature-vector
-        products over the data; at the first pretrain step only over the removed
-        examples). Entries run in parallel with ``n_jobs`` workers (one torch thread
-        each); the results do not depend on ``n_jobs``.
+        Cost per entry: each pretrain step is a pass of gradients over ``Z`` and one
+        solve (``"exact"``: ``p`` curvature-vector products over ``Z`` for the dense
+        curvature, except the first step, which corrects the fitted one with the
+        removed examples' curvature alone); each finetune step a pass over ``X`` and
+        one solve (in Case 1 over ``Theta`` only, on the embedding outputs when
+        ``features_cached_``). Entries run in parallel with ``n_jobs`` workers (one
+        torch thread each); the results do not depend on ``n_jobs``.
 
         Examples
         --------
@@ -521,7 +539,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         >>> x_test = (X[0][:5], X[1][:5])
         >>> est.removal_effect(x_test, [0, 1, 2]).shape
         (3,)
-        >>> est.removal_effect(x_test, [[0, 1], [2, 3, 4]], newton_steps=2).shape
+        >>> est.removal_effect(x_test, [[0, 1], [2, 3, 4]], newton_steps=1).shape
         (2,)
         """
         from ._removal import removal_effect

@@ -119,7 +119,10 @@ def audits(problem):
         problem["pretrain_model"], problem["finetune_model"], problem["Z"],
         problem["X_finetune"], problem["x_test"], audit.indices,
         pretrain_damping=PRETRAIN_DAMPING, finetune_damping=FINETUNE_DAMPING, alpha=ALPHA,
-        tol=1e-8, **CASE2)
+        # Two of the 24 retrains end at a largest gradient entry of 2e-8 with this
+        # machine's numpy/torch (also at the session's starting commit): 5e-8 is still
+        # below the 1e-7 the models themselves were trained to.
+        tol=5e-8, **CASE2)
     return audit.indices, change
 
 
