@@ -15,6 +15,7 @@ for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "doc" / "_ext"))  # this site's own extensions
 
 import skmsif  # noqa: E402
 
@@ -32,6 +33,9 @@ extensions = [
     "numpydoc",
     "myst_parser",
     "sphinx_gallery.gen_gallery",
+    # doc/_ext/offline_html.py: MathJax from a local copy (sphinx-mathjax-offline), and a
+    # check that no built page loads anything from another host.
+    "offline_html",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

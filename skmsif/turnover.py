@@ -46,6 +46,7 @@ from ._checks import probe_model, resolve_device
 from ._data import as_data
 from ._losses import LOSSES, check_losses, check_outputs, resolve_loss
 from ._progress import progress
+from ._training import Stage, n_minibatch_steps, run_lbfgs, run_steps
 
 __all__ = [
     "turnover_mask",
@@ -421,57 +422,47 @@ def train_turnover(model, data, *, ids=None, params=None, loss="cross_entropy",
     params = list(model.parameters()) if params is None else list(params)
     if not params:
         raise ValueError("params is empty: pass the parameters to train, or None for all.")
-    loss_fn = resolve_loss(loss)
-    device = first.device
+    stage = _TurnOverStage(model, params, data, resolve_loss(loss), None, weight_decay,
+                           None, first.device, ids=ids, loss_name=loss)
     requires = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-
-    def objective(rows):
-        inputs = data.inputs[rows].to(device)
-        targets = data.targets[rows].to(device)
-        with turnover_masks(model, ids[rows]):
-            outputs = model(inputs)
-        if isinstance(loss, str):
-            check_outputs(outputs, data, loss, "loss", "model")
-        losses = loss_fn(outputs, targets)
-        check_losses(losses, len(targets), "loss")
-        value = losses.mean()
-        if weight_decay:
-            value = value + 0.5 * weight_decay * sum((p * p).sum() for p in params)
-        return value
-
     try:
         if solver == "lbfgs":
-            everything = torch.arange(n)
-            optimizer = torch.optim.LBFGS(
-                params, lr=1.0 if lr is None else lr, max_iter=max_iter,
-                history_size=50, tolerance_grad=tol, tolerance_change=1e-15,
-                line_search_fn="strong_wolfe")
-
-            def closure():
-                optimizer.zero_grad()
-                value = objective(everything)
-                value.backward()
-                return value
-
-            optimizer.step(closure)
+            run_lbfgs(stage, max_iter, tol, lr=1.0 if lr is None else lr,
+                      tolerance_change=1e-15)
         else:
             default_lr = 1e-3 if solver == "adam" else 0.1
-            make = torch.optim.Adam if solver == "adam" else torch.optim.SGD
-            optimizer = make(params, lr=default_lr if lr is None else lr)
-            rng = check_random_state(random_state)
-            for _ in range(n_epochs):
-                order = torch.from_numpy(rng.permutation(n))
-                for start in range(0, n, batch_size):
-                    optimizer.zero_grad()
-                    objective(order[start:start + batch_size]).backward()
-                    optimizer.step()
+            run_steps(stage, torch.optim.Adam if solver == "adam" else torch.optim.SGD,
+                      default_lr if lr is None else lr,
+                      n_minibatch_steps(n, batch_size, n_epochs), batch_size,
+                      check_random_state(random_state), shuffle_full_batch=True,
+                      final_gradient=False)
     finally:
         for p, flag in zip(params, requires):
             p.grad = None
             p.requires_grad_(flag)
     return model
+
+
+class _TurnOverStage(Stage):
+    """A training stage whose examples pass through their own turn-over masks."""
+
+    def __init__(self, *args, ids, loss_name, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ids = ids
+        self.loss_name = loss_name
+
+    def losses(self, rows):
+        inputs = self.data.inputs[rows].to(self.device)
+        targets = self.data.targets[rows].to(self.device)
+        with turnover_masks(self.model, self.ids[rows]):
+            outputs = self.model(inputs)
+        if isinstance(self.loss_name, str):
+            check_outputs(outputs, self.data, self.loss_name, "loss", "model")
+        losses = self.loss(outputs, targets)
+        check_losses(losses, len(targets), "loss")
+        return losses
 
 
 def _check_ids(ids, n, name, data_name):

@@ -22,3 +22,52 @@ def test_bench_scale_runs_at_tiny_size():
                 "(b) scoring pass over Z, 100 vector", "(c) score", "(d) (20, m) influence",
                 "(e) naive", "(f) peak resident memory"):
         assert row in result.stdout, (row, result.stdout)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _kronfluence_importable():
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow  # 40-160 s on 2 cores: python3 -m pytest -m slow tests/test_benchmarks.py
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="Fashion-MNIST is not installed (apt-get install "
+                           "dataset-fashion-mnist); the benchmark needs it")
+def test_bench_cnn_runs_at_tiny_size(tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "bench_cnn.py"), "--size", "tiny",
+               "--threads", "1", "--cache-dir", str(tmp_path), "--skip-precision",
+               "--json", str(tmp_path / "bench.json")]
+    if not _kronfluence_importable():
+        command.append("--skip-kronfluence")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = ["training epoch", "(a) EK-FAC score end to end, factors on all of Z",
+            "(b) (8, m) EK-FAC influence", "Gauss-Newton CG reference", "(c) EK-FAC",
+            "(g) low rank", "(e) Peak resident memory", "CUDA path not measured"]
+    if _kronfluence_importable():
+        rows += ["(d) kronfluence EK-FAC, aggregated query", "(d) kronfluence EK-FAC, 8 queries"]
+    for row in rows:
+        assert row in result.stdout, (row, result.stdout)
+    assert (tmp_path / "bench.json").is_file()
+
+
+@pytest.mark.slow  # 40-160 s on 2 cores: python3 -m pytest -m slow tests/test_benchmarks.py
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="Fashion-MNIST is not installed (apt-get install "
+                           "dataset-fashion-mnist); the benchmark needs it")
+def test_faithfulness_cnn_runs_at_tiny_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "faithfulness_cnn.py"), "--size", "tiny",
+         "--threads", "1", "--cache-dir", str(tmp_path), "--json", str(tmp_path / "f.json")],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("Case fixed (embedding fixed)", "Case updated (embedding updated)",
+                "hessian ", "gauss_newton ", "ekfac ", "identity "):
+        assert row in result.stdout, (row, result.stdout)
+    assert (tmp_path / "f.json").is_file()

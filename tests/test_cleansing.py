@@ -1,10 +1,12 @@
-"""Smoke run of the turn-over experiments at the tiny size (the full size is a command)."""
+"""Smoke run of the turn-over experiments (``paper/cleansing.py``) at the tiny size; the
+full size is the command ``python -m paper cleansing``."""
 
 import json
 
 import numpy as np
 
-from skmsif import cleansing
+from paper import cleansing
+from paper.__main__ import main
 
 
 def test_tiny_run_of_every_experiment_writes_tables_figures_and_json(tmp_path, capsys):
@@ -33,11 +35,17 @@ def test_tiny_run_of_every_experiment_writes_tables_figures_and_json(tmp_path, c
     assert {row["model"] for row in report["accuracy"]["rows"]} >= {"plain", "turn-over"}
 
 
+def test_command_line_dispatches_to_cleansing(capsys):
+    main(["cleansing", "--size", "tiny", "--seeds", "1", "--n-jobs", "1", "--experiment",
+          "accuracy"])
+    assert "Accuracy cost" in capsys.readouterr().out
+
+
 def test_turnover_mlp_starts_from_the_plain_initialisation():
-    from skmsif.datasets import make_digits_mlp
+    from paper.models import make_digits_mlp, make_turnover_mlp
     from skmsif.turnover import TurnOverDropout
 
-    embedding, pretrain_model, finetune_model = cleansing.make_turnover_mlp(8, seed=3)
+    embedding, pretrain_model, finetune_model = make_turnover_mlp(8, seed=3)
     _, plain, _ = make_digits_mlp(8, seed=3)
     assert isinstance(embedding, TurnOverDropout) and finetune_model[0] is embedding
     for a, b in zip(pretrain_model.parameters(), plain.parameters()):

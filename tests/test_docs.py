@@ -32,9 +32,7 @@ IGNORED_CHECKS = _ignored_checks()
 PUBLIC_MODULES = [
     "skmsif",
     "skmsif.baselines",
-    "skmsif.cleansing",
     "skmsif.datasets",
-    "skmsif.experiments",
     "skmsif.model_selection",
     "skmsif.turnover",
     "skmsif.validation",

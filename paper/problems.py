@@ -1,4 +1,4 @@
-"""Trained pretrain/finetune problems of the experiments, one per data set, size and case.
+"""Trained pretrain/finetune problems of the figures, one per data set, size and case.
 
 A problem is a :class:`sklearn.utils.Bunch` with the trained ``pretrain_model`` and
 ``finetune_model``, the data ``Z``, ``X``, ``x_test`` (numpy ``(inputs, targets)``
@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from sklearn.utils import Bunch
 
-from .. import datasets
+from skmsif import datasets
+
+from .models import make_digits_mlp, make_mnist_cnn
+from .training import accuracy, fit_adam, fit_lbfgs
 
 # Hyper-parameters per (dataset, size). "converged": both stages are trained (and
 # retrained for leave-one-out) to tight optima of their L2-regularised objectives, the
@@ -81,21 +84,19 @@ def load(dataset, size, random_state=0, **overrides):
 
 def _models(dataset, cfg, n_pretrain_classes, n_finetune_classes, seed):
     if dataset == "digits":
-        return datasets.make_digits_mlp(cfg["hidden"], n_pretrain_classes=n_pretrain_classes,
-                                        n_finetune_classes=n_finetune_classes, seed=seed)
-    return datasets.make_mnist_cnn(n_pretrain_classes, n_finetune_classes, seed)
+        return make_digits_mlp(cfg["hidden"], n_pretrain_classes=n_pretrain_classes,
+                               n_finetune_classes=n_finetune_classes, seed=seed)
+    return make_mnist_cnn(n_pretrain_classes, n_finetune_classes, seed)
 
 
 def _train(model, data, cfg, stage, n_steps=None, **kwargs):
     damping = cfg[f"{stage}_damping"]
     if cfg["recipe"] == "converged":
-        info = datasets.fit_lbfgs(model, data, damping=damping, tol=1e-8, max_iter=5000,
-                                  **kwargs)
+        info = fit_lbfgs(model, data, damping=damping, tol=1e-8, max_iter=5000, **kwargs)
         return {"grad_max": info["grad_max"], "n_iter": info["n_iter"]}
     steps = cfg[f"{stage}_steps"] if n_steps is None else n_steps
-    info = datasets.fit_adam(model, data, damping=damping, n_steps=steps,
-                             batch_size=cfg["batch_size"], lr=cfg["lr"], random_state=0,
-                             **kwargs)
+    info = fit_adam(model, data, damping=damping, n_steps=steps,
+                    batch_size=cfg["batch_size"], lr=cfg["lr"], random_state=0, **kwargs)
     return {"n_steps": info["n_steps"], "last_loss": info["last_loss"]}
 
 
@@ -119,7 +120,7 @@ def pretrain(dataset, size, data, seed=0, cache_dir=None):
     start = time.perf_counter()
     info = _train(model, data.Z, cfg, "pretrain")
     info["seconds"] = time.perf_counter() - start
-    info["accuracy"] = datasets.accuracy(model, data.Z)
+    info["accuracy"] = accuracy(model, data.Z)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state": model.state_dict(), "info": info}, path)
@@ -159,7 +160,7 @@ def finetune(dataset, size, embedding, pretrain_model, X, n_classes, case="fixed
     for p in pretrain_model.parameters():
         p.requires_grad_(True)
     info["seconds"] = time.perf_counter() - start
-    info["train_accuracy"] = datasets.accuracy(model, X)
+    info["train_accuracy"] = accuracy(model, X)
     return model, info
 
 
@@ -206,5 +207,5 @@ def problem(dataset, size, case="fixed", random_state=0, cache_dir=None, n_jobs=
         estimator_params=estimator_params(cfg, case),
         loo_params=loo_params(cfg, case, n_jobs),
         training={"pretrain": pretrain_info, "finetune": finetune_info,
-                  "test_accuracy": datasets.accuracy(finetune_model, data.x_test)},
+                  "test_accuracy": accuracy(finetune_model, data.x_test)},
     )

@@ -2,8 +2,8 @@
 
 Every ``figN(dataset, size, out, ...)`` returns a dict of the numbers it measured (also
 written to ``out/figN-<dataset>-<size>.json``) and saves ``out/figN-<dataset>-<size>.png``.
-The documented entry point is :func:`skmsif.experiments.run`, which takes the name and
-describes every figure.
+The entry point is :func:`run`, which takes the name and describes every figure; the
+command line is ``python -m paper <figure> ...`` from the repository root.
 """
 
 import json
@@ -19,11 +19,19 @@ import numpy as np  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from .. import datasets  # noqa: E402
-from .._estimator import MultiStageInfluenceEstimator  # noqa: E402
-from ..baselines import IdentityHessianBaseline, PretrainLossBaseline, RandomBaseline  # noqa: E402
-from ..validation import audit_indices, faithfulness, leave_one_out  # noqa: E402
-from . import _setup  # noqa: E402
+from skmsif import MultiStageInfluenceEstimator, datasets  # noqa: E402
+from skmsif.baselines import (  # noqa: E402
+    IdentityHessianBaseline,
+    PretrainLossBaseline,
+    RandomBaseline,
+)
+from skmsif.validation import audit_indices, faithfulness, leave_one_out  # noqa: E402
+
+from . import problems  # noqa: E402
+from .problems import CONFIGS, DATASETS, SIZES  # noqa: E402, F401
+from .training import accuracy, per_example_loss  # noqa: E402
+
+__all__ = ["run", "FIGURES", "CONFIGS", "DATASETS", "SIZES"]
 
 METHODS = ("multi-stage", "identity", "pretrain loss", "random")
 # What the paper reports (Figs. 2b, 4, 5; Sec. 4.2-4.3), for the JSON and the plots.
@@ -159,7 +167,7 @@ def correlation(name, dataset, size, out, case, highlight="multi-stage", n_jobs=
     """Predicted vs leave-one-out changes for an audit set; estimator and baselines."""
     png, js = _paths(out, name, dataset, size)
     started = time.perf_counter()
-    prob = _setup.problem(dataset, size, case, cache_dir=Path(out) / "cache", n_jobs=n_jobs)
+    prob = problems.problem(dataset, size, case, cache_dir=Path(out) / "cache", n_jobs=n_jobs)
     cfg = prob.config
     recorder = _Recorder()
     estimator, scores, timings = _scores(prob, recorder)
@@ -239,10 +247,10 @@ def fig3(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
     them, against the pretrain set as a whole.
     """
     png, js = _paths(out, "fig3", dataset, size)
-    prob = _setup.problem(dataset, size, "fixed", cache_dir=Path(out) / "cache")
+    prob = problems.problem(dataset, size, "fixed", cache_dir=Path(out) / "cache")
     cfg, data = prob.config, prob.data
     recorder = _Recorder()
-    losses = datasets.per_example_loss(prob.finetune_model, prob.x_test)
+    losses = per_example_loss(prob.finetune_model, prob.x_test)
     predicted = _predict(prob.finetune_model, prob.x_test)
     wrong = np.flatnonzero(predicted != prob.x_test[1])
     chosen = wrong[np.argsort(-losses[wrong], kind="stable")][:cfg["n_explained"]]
@@ -250,7 +258,7 @@ def fig3(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
     recorder(estimator.fit, prob.pretrain_model, prob.finetune_model, prob.Z, prob.X)
     influence = recorder(estimator.influence,
                          (prob.x_test[0][chosen], prob.x_test[1][chosen]))
-    pretrain_losses = datasets.per_example_loss(prob.pretrain_model, prob.Z)
+    pretrain_losses = per_example_loss(prob.pretrain_model, prob.Z)
     pretrain_wrong = _predict(prob.pretrain_model, prob.Z) != prob.Z[1]
     k = cfg["n_shown"]
     rows = []
@@ -358,7 +366,7 @@ def _task_data(dataset, size, cfg, random_state=0):
 
 
 def _influence_of(prob_like, case, cfg, recorder):
-    estimator = MultiStageInfluenceEstimator(**_setup.estimator_params(cfg, case))
+    estimator = MultiStageInfluenceEstimator(**problems.estimator_params(cfg, case))
     recorder(estimator.fit, *prob_like[:4])
     return recorder(estimator.score, prob_like[4])
 
@@ -367,22 +375,22 @@ def fig6(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
     """Task similarity (paper Fig. 6): finetuning on the pretrain task itself (A) vs on
     other classes (B), embedding fixed; mean |I| should be larger for A."""
     png, js = _paths(out, "fig6", dataset, size)
-    cfg = _setup.config(dataset, size)
+    cfg = problems.config(dataset, size)
     data, task_a, task_b = _task_data(dataset, size, cfg)
-    embedding, pretrain_model, pretrain_info = _setup.pretrain(
+    embedding, pretrain_model, pretrain_info = problems.pretrain(
         dataset, size, data, cache_dir=Path(out) / "cache")
     recorder = _Recorder()
     scores, tasks = [], {}
     for name, (train, test), classes in (("A", task_a, data.pretrain_classes),
                                          ("B", task_b, data.finetune_classes)):
-        model, info = _setup.finetune(dataset, size, embedding, pretrain_model, train,
+        model, info = problems.finetune(dataset, size, embedding, pretrain_model, train,
                                       len(classes), "fixed")
         values = _influence_of((pretrain_model, model, data.Z, train, test), "fixed", cfg,
                                recorder)
         scores.append(values)
         tasks[name] = {"classes": classes, "n_finetune": len(train[1]),
                        "n_test": len(test[1]), "training": info,
-                       "test_accuracy": datasets.accuracy(model, test),
+                       "test_accuracy": accuracy(model, test),
                        "mean_abs": float(np.abs(values).mean()),
                        "median_abs": float(np.median(np.abs(values)))}
     result = {"figure": "fig6", "dataset": dataset, "size": size, "m": len(data.Z[1]),
@@ -398,13 +406,13 @@ def fig7(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
     """Finetune size (paper Fig. 7): model D has 3x model C's finetune examples (and 3x
     its training steps under the Adam recipe), embedding updated; mean |I| should drop."""
     png, js = _paths(out, "fig7", dataset, size)
-    cfg = _setup.config(dataset, size)
+    cfg = problems.config(dataset, size)
     n_small = cfg["small_finetune"]
-    data = _setup.load(dataset, size, n_finetune=3 * n_small)
+    data = problems.load(dataset, size, n_finetune=3 * n_small)
     rng = np.random.RandomState(0)
     small = np.sort(rng.choice(3 * n_small, n_small, replace=False))
     finetune_sets = {"C": (data.X[0][small], data.X[1][small]), "D": data.X}
-    embedding, pretrain_model, pretrain_info = _setup.pretrain(
+    embedding, pretrain_model, pretrain_info = problems.pretrain(
         dataset, size, data, cache_dir=Path(out) / "cache")
     recorder = _Recorder()
     scores, models = [], {}
@@ -412,13 +420,13 @@ def fig7(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
         steps = None
         if cfg["recipe"] == "paper":
             steps = cfg["finetune_steps"] * (3 if name == "D" else 1)
-        model, info = _setup.finetune(dataset, size, embedding, pretrain_model, train,
+        model, info = problems.finetune(dataset, size, embedding, pretrain_model, train,
                                       len(data.finetune_classes), "updated", n_steps=steps)
         values = _influence_of((pretrain_model, model, data.Z, train, data.x_test),
                                "updated", cfg, recorder)
         scores.append(values)
         models[name] = {"n_finetune": len(train[1]), "training": info,
-                        "test_accuracy": datasets.accuracy(model, data.x_test),
+                        "test_accuracy": accuracy(model, data.x_test),
                         "mean_abs": float(np.abs(values).mean()),
                         "median_abs": float(np.median(np.abs(values)))}
     result = {"figure": "fig7", "dataset": dataset, "size": size, "m": len(data.Z[1]),
@@ -433,3 +441,98 @@ def fig7(dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6,
            "fig7": fig7}
+
+
+def run(figure, dataset="digits", size="full", out="results", n_jobs=None, verbose=0):
+    """Run one of the paper's experiments by name and return its numbers.
+
+    ``figure`` is one of ``"fig2"`` ... ``"fig7"`` (the functions of :data:`FIGURES`).
+    Each experiment builds and trains its pretrain/finetune problem with the
+    hyper-parameters ``CONFIGS[dataset, size]``, saves ``<out>/<figure>-<dataset>-<size>.png``
+    and a JSON of the returned numbers beside it, and caches trained weights and
+    leave-one-out retrains in ``<out>/cache``. What each figure computes:
+
+    * ``"fig2"`` (paper Fig. 2): Case 1 (embedding fixed during finetuning). The
+      predicted change of the summed test loss ``-I(z)/m`` against leave-one-out
+      retraining (:func:`skmsif.validation.leave_one_out`) of the ``n_top`` pretrain
+      examples of largest ``|I|`` plus ``n_random`` random ones; Pearson and Spearman
+      correlations on top, random and all, for the estimator and the baselines of
+      :mod:`skmsif.baselines` against the same retrains.
+    * ``"fig4"`` (paper Fig. 4): the same as ``"fig2"`` (same removals; the cached
+      retrains are reused), with the identity-Hessian baseline highlighted.
+    * ``"fig5"`` (paper Fig. 5): as ``"fig2"`` in Case 2 (embedding updated during
+      finetuning, with the proximity term ``alpha``).
+    * ``"fig3"`` (paper Fig. 3): the most harmful pretrain examples (largest ``I``) for
+      the misclassified finetune test examples of largest loss, and whether they are
+      "low quality": their pretrain loss and error rate against the whole pretrain set.
+    * ``"fig6"`` (paper Fig. 6): task similarity. Mean ``|I|`` when finetuning on the
+      pretrain task itself (task A: the pretrain classes, on held-out data) and on other
+      classes (task B), embedding fixed.
+    * ``"fig7"`` (paper Fig. 7): finetune size. Mean ``|I|`` of model C and of model D
+      with 3x C's finetune examples (and 3x its steps under the Adam recipe),
+      embedding updated.
+
+    Parameters
+    ----------
+    figure : {"fig2", "fig3", "fig4", "fig5", "fig6", "fig7"}
+        The experiment to run (see above).
+    dataset : {"digits", "fashion-mnist"}, default="digits"
+        The data set. Fashion-MNIST must be installed
+        (:func:`skmsif.datasets.fashion_mnist_available`).
+    size : {"tiny", "full"}, default="full"
+        ``"tiny"`` runs in seconds (a smoke run); ``"full"`` is the set-up reported in
+        ``doc/guide/results.md`` (see :data:`CONFIGS`).
+    out : str or path-like, default="results"
+        Folder for the PNG, the JSON and the cache; created if missing.
+    n_jobs : int, default=None
+        Parallel leave-one-out retrains (joblib) of ``"fig2"``, ``"fig4"`` and
+        ``"fig5"``; the other figures do not retrain and ignore it.
+    verbose : int, default=0
+        Verbosity of the leave-one-out retrains (``"fig2"``, ``"fig4"``, ``"fig5"``).
+
+    Returns
+    -------
+    result : dict
+        The numbers the experiment measured (also written to the JSON), with ``"png"``
+        and ``"json"``, the paths of the saved files. ``"fig2"``, ``"fig4"``, ``"fig5"``:
+        ``"metrics"`` (per method and group ``all``/``top``/``random``, the output of
+        :func:`skmsif.validation.faithfulness`), ``"audit"`` (the indices removed, their
+        groups, predicted and actual changes), ``"leave_one_out"``, ``"estimator"``,
+        ``"training"`` and ``"seconds"``. ``"fig3"``: ``"rows"`` (per explained test
+        example, its ``label``, ``predicted`` class and the ``harmful`` pretrain indices
+        with their ``harmful_influence``) and ``"quality"``. ``"fig6"``: ``"tasks"`` and
+        ``"fig7"``: ``"models"``, each with ``mean_abs`` and ``test_accuracy`` per
+        model, and ``"ratio_mean_abs"``. All include ``"paper"``, the paper's numbers
+        where it reports them.
+
+    Raises
+    ------
+    ValueError
+        If ``figure``, ``dataset`` or ``size`` is not one of the names above.
+
+    See Also
+    --------
+    skmsif.validation.leave_one_out : The retrained ground truth of the correlations.
+    skmsif.validation.faithfulness : The correlations between predicted and actual.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from paper.figures import run
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     result = run("fig3", dataset="digits", size="tiny", out=out)
+    ...     sorted(path.name for path in Path(out).iterdir())
+    ['cache', 'fig3-digits-tiny.json', 'fig3-digits-tiny.png']
+    >>> result["m"], len(result["rows"])
+    (100, 2)
+    >>> row = result["rows"][0]
+    >>> bool(row["predicted"] != row["label"]), len(row["harmful"])
+    (True, 3)
+    >>> bool((row["harmful_influence"] > 0).all())
+    True
+    """
+    if figure not in FIGURES:
+        raise ValueError(f"figure={figure!r} is not one of {sorted(FIGURES)}.")
+    return FIGURES[figure](dataset=dataset, size=size, out=out, n_jobs=n_jobs,
+                           verbose=verbose)

@@ -1,9 +1,9 @@
 """Turn-over dropout against the multi-stage influence function on the digits problem.
 
-Three measurements, one command each (``python -m skmsif.cleansing --help``), all on
+Three measurements, one command each (``python -m paper cleansing --help``), all on
 scikit-learn's digits: pretrain on digits 0-3, finetune a new head on digits 4-9 with the
 embedding ``Linear(64, hidden) + Tanh`` kept fixed (Case 1), see
-:func:`skmsif.datasets.load_digits_split` and :func:`skmsif.datasets.make_digits_mlp`.
+:func:`skmsif.datasets.load_digits_split` and :func:`paper.models.make_digits_mlp`.
 
 * :func:`faithfulness_comparison`: how well each method's predicted change of the summed
   finetune test loss matches the leave-one-out ground truth of
@@ -26,8 +26,8 @@ Each function returns its numbers; the command line (:func:`main`, not part of t
 API) runs them, prints Markdown tables, and can save the figures and a JSON of the
 numbers. Run from the repository root::
 
-    python -m skmsif.cleansing --size full --out-dir doc/figures
-    python -m skmsif.cleansing --size tiny --seeds 1 --n-jobs 1  # a smoke run
+    python -m paper cleansing --size full --out-dir doc/figures
+    python -m paper cleansing --size tiny --seeds 1 --n-jobs 1  # a smoke run
 """
 
 import argparse
@@ -38,20 +38,20 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from sklearn.utils import Bunch, check_random_state
-from torch import nn
 
-from . import datasets
-from ._estimator import MultiStageInfluenceEstimator
-from .turnover import TurnOverDropout, TurnOverDropoutEstimator, train_turnover, turnover_mask
-from .validation import audit_indices, faithfulness, leave_one_out
+from skmsif import MultiStageInfluenceEstimator, datasets
+from skmsif.turnover import TurnOverDropoutEstimator, train_turnover, turnover_mask
+from skmsif.validation import audit_indices, faithfulness, leave_one_out
 
-# ``main`` is the command-line entry point (``python -m skmsif.cleansing``), not part of
+from .models import MASK_SEED, make_digits_mlp, make_turnover_mlp
+from .training import accuracy, fit_lbfgs, total_loss
+
+# ``main`` is the command-line entry point (``python -m paper cleansing``), not part of
 # the Python API; it stays importable.
 __all__ = ["SIZES", "faithfulness_comparison", "cleansing_experiment", "accuracy_cost"]
 
 PRETRAIN_DAMPING = 1e-2  # L2 weight of pretraining == the estimator's pretrain damping
 FINETUNE_DAMPING = 1e-3  # L2 weight of the finetune head == the finetune damping
-MASK_SEED = 0  # mask family of the turn-over embedding
 
 # "tiny" is a smoke run (seconds; used by the tests); "full" is what doc/guide/turnover.md
 # reports (minutes on 2 CPU cores).
@@ -90,44 +90,11 @@ def _data(seed, size, validation=False):
 
 def _train_plain(Z, X, hidden, seed, max_iter):
     """Pretrain embedding + head on ``Z``, then only a new head on ``X`` (Case 1)."""
-    _, pretrain_model, finetune_model = datasets.make_digits_mlp(hidden, seed=seed)
-    datasets.fit_lbfgs(pretrain_model, Z, damping=PRETRAIN_DAMPING, max_iter=max_iter)
-    datasets.fit_lbfgs(finetune_model, X, params=list(finetune_model[1].parameters()),
+    _, pretrain_model, finetune_model = make_digits_mlp(hidden, seed=seed)
+    fit_lbfgs(pretrain_model, Z, damping=PRETRAIN_DAMPING, max_iter=max_iter)
+    fit_lbfgs(finetune_model, X, params=list(finetune_model[1].parameters()),
                        damping=FINETUNE_DAMPING, max_iter=max_iter)
     return pretrain_model, finetune_model
-
-
-def make_turnover_mlp(hidden=16, *, seed=0, mask_seed=MASK_SEED):
-    """:func:`skmsif.datasets.make_digits_mlp` with the embedding under turn-over masks.
-
-    The embedding is ``TurnOverDropout(Sequential(Linear(64, hidden), Tanh()))``: the mask
-    acts on the hidden units after the activation, as standard dropout does. Both models
-    share it; the initial weights equal those of ``make_digits_mlp(hidden, seed=seed)``.
-
-    Parameters
-    ----------
-    hidden : int, default=16
-        Number of hidden units of the embedding.
-    seed : int, default=0
-        Seeds the initial weights, as in :func:`skmsif.datasets.make_digits_mlp`.
-    mask_seed : int, default=MASK_SEED
-        Mask family of the turn-over embedding (see
-        :class:`~skmsif.turnover.TurnOverDropout`).
-
-    Returns
-    -------
-    embedding : skmsif.turnover.TurnOverDropout
-        The shared embedding under turn-over masks.
-    pretrain_model : torch.nn.Sequential
-        The embedding followed by the pretrain head (digits 0-3).
-    finetune_model : torch.nn.Sequential
-        The same embedding object followed by the finetune head (digits 4-9).
-    """
-    plain, pretrain_plain, finetune_plain = datasets.make_digits_mlp(hidden, seed=seed)
-    embedding = TurnOverDropout(plain, seed=mask_seed)
-    pretrain_model = nn.Sequential(embedding, pretrain_plain[1])
-    finetune_model = nn.Sequential(embedding, finetune_plain[1])
-    return embedding, pretrain_model, finetune_model
 
 
 def _train_turnover(Z, X, hidden, seed, max_iter, masked_finetune=False):
@@ -142,7 +109,7 @@ def _train_turnover(Z, X, hidden, seed, max_iter, masked_finetune=False):
         train_turnover(finetune_model, _tensors(X), params=head, ids=np.arange(m, m + n),
                        weight_decay=FINETUNE_DAMPING, max_iter=max_iter)
     else:
-        datasets.fit_lbfgs(finetune_model, X, params=head, damping=FINETUNE_DAMPING,
+        fit_lbfgs(finetune_model, X, params=head, damping=FINETUNE_DAMPING,
                            max_iter=max_iter)
     for parameter in pretrain_model.parameters():
         parameter.requires_grad_(True)
@@ -222,7 +189,7 @@ def faithfulness_comparison(size="full", random_state=0, n_jobs=2, verbose=0):
 
     Examples
     --------
-    >>> from skmsif.cleansing import faithfulness_comparison
+    >>> from paper.cleansing import faithfulness_comparison
     >>> result = faithfulness_comparison(size="tiny", random_state=0, n_jobs=1)
     >>> [row["method"] for row in result.rows]
     ['multi-stage influence (exact)', 'turn-over dropout']
@@ -344,7 +311,7 @@ def cleansing_experiment(size="full", seeds=None, fraction=0.01):
 
     Examples
     --------
-    >>> from skmsif.cleansing import cleansing_experiment
+    >>> from paper.cleansing import cleansing_experiment
     >>> result = cleansing_experiment(size="tiny", seeds=[0])
     >>> list(result.summary)
     ['no removal', 'random removal', 'multi-stage influence', 'turn-over dropout']
@@ -386,9 +353,9 @@ def cleansing_experiment(size="full", seeds=None, fraction=0.01):
                 keep = np.setdiff1d(np.arange(m), removed)
                 _, model = _train_plain((Z[0][keep], Z[1][keep]), X, cfg["hidden"], seed,
                                         cfg["max_iter"])
-            per_seed[method]["accuracy"].append(datasets.accuracy(model, x_test))
+            per_seed[method]["accuracy"].append(accuracy(model, x_test))
             per_seed[method]["loss"].append(
-                datasets.total_loss(model, x_test) / len(x_test[1]))
+                total_loss(model, x_test) / len(x_test[1]))
     summary = {}
     for method in methods:
         values = {key: np.asarray(v) for key, v in per_seed[method].items()}
@@ -435,7 +402,7 @@ def accuracy_cost(size="full", seeds=None):
 
     Examples
     --------
-    >>> from skmsif.cleansing import accuracy_cost
+    >>> from paper.cleansing import accuracy_cost
     >>> result = accuracy_cost(size="tiny", seeds=[0])
     >>> for row in result.rows:
     ...     print(row["hidden"], row["model"])
@@ -454,8 +421,8 @@ def accuracy_cost(size="full", seeds=None):
 
     def record(key, model, data):
         results.setdefault(key, {"accuracy": [], "loss": []})
-        results[key]["accuracy"].append(datasets.accuracy(model, data))
-        results[key]["loss"].append(datasets.total_loss(model, data) / len(data[1]))
+        results[key]["accuracy"].append(accuracy(model, data))
+        results[key]["loss"].append(total_loss(model, data) / len(data[1]))
 
     for hidden in cfg["accuracy_hidden"]:
         for seed in seeds:
@@ -465,8 +432,8 @@ def accuracy_cost(size="full", seeds=None):
                                                    stratify=Z[1], random_state=seed)
             Z_train = (Z[0][train_pos], Z[1][train_pos])
             Z_test = (Z[0][test_pos], Z[1][test_pos])
-            _, pretrain_model, _ = datasets.make_digits_mlp(hidden, seed=seed)
-            datasets.fit_lbfgs(pretrain_model, Z_train, damping=PRETRAIN_DAMPING,
+            _, pretrain_model, _ = make_digits_mlp(hidden, seed=seed)
+            fit_lbfgs(pretrain_model, Z_train, damping=PRETRAIN_DAMPING,
                                max_iter=cfg["max_iter"])
             record(("single stage (digits 0-3)", hidden, "plain"), pretrain_model, Z_test)
             _, pretrain_model, _ = make_turnover_mlp(hidden, seed=seed)
@@ -598,8 +565,8 @@ def _plot(out_dir, faith=None, cleansing=None, cost=None):
 def main(argv=None):
     """Run the experiments from the command line and print their tables.
 
-    The entry point of ``python -m skmsif.cleansing`` (for example
-    ``python -m skmsif.cleansing --size full --out-dir doc/figures``); ``--help`` lists
+    The entry point of ``python -m paper cleansing`` (for example
+    ``python -m paper cleansing --size full --out-dir doc/figures``); ``--help`` lists
     the options. Not part of the Python API: call :func:`faithfulness_comparison`,
     :func:`cleansing_experiment` and :func:`accuracy_cost` instead.
 
@@ -615,6 +582,7 @@ def main(argv=None):
         ``"cleansing"`` and ``"accuracy"`` (what ``--json`` writes).
     """
     parser = argparse.ArgumentParser(
+        prog="python -m paper cleansing",
         description="Turn-over dropout vs the multi-stage influence function on digits.")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--experiment", choices=["all", "faithfulness", "cleansing",

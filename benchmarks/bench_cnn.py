@@ -1,0 +1,552 @@
+"""EK-FAC, Gauss-Newton CG, low rank and kronfluence on the paper's CNN, side by side.
+
+Set-up: Fashion-MNIST (Debian package ``dataset-fashion-mnist``), the paper's Table A CNN
+(``paper.models.make_mnist_cnn``), pretrained on classes 0-3 (``--m`` images, 24,000 by
+default: all of them), a new head finetuned on ``--n-finetune`` images of classes 4-9 with
+the embedding fixed (Case 1), the test images of classes 4-9 as test points
+(``skmsif.datasets.fashion_mnist_split``). Both models are trained briefly with Adam
+(L2 equal to the dampings) and cached in ``--cache-dir``. Passes run in ``--dtype``
+(float32 by default); solves and sums are float64 whatever it is.
+
+Every measured method runs in a subprocess of its own, one after the other, so that its
+peak resident memory (``os.wait4``) is its own. Timings are printed as ratios to one
+training epoch: one epoch of Adam over Z at batch 128, measured in a subprocess at the
+start and again at the end of the same run (the machine is shared; the mean is used and
+the drift printed).
+
+  (a) EK-FAC ``score`` end to end (fit + score of the whole test set), the factors on all
+      of Z, and on ``--hessian-samples`` of it; target <= 5 epochs;
+  (b) the (``--n-matrix``, m) ``influence`` matrix with EK-FAC: fit + factors + the
+      scoring pass of ``--n-matrix`` rows over Z. The factors (one finetune solve and
+      one product with the mixed block ``H_WTheta`` over the finetune set per test point)
+      are timed for ``--matrix-factor-points`` test points and scaled to ``--n-matrix``;
+      the scoring pass is timed whole (``influence_from_factors``). Target <= 20 epochs;
+  (c) EK-FAC against a converged Gauss-Newton CG solve (``hessian="cg",
+      curvature="gauss_newton", iterative_solver="cg"``, float64 passes, the pretrain
+      curvature on ``--hessian-samples`` images): Spearman and Pearson of the scores;
+      target Spearman >= 0.9;
+  (d) kronfluence's EK-FAC on the same pretrain model and data (single stage: the
+      pretrain loss of the test images at the model's predicted labels, against every
+      pretrain example; factors on all of Z, sampled labels, its default float32): our
+      (a) and (b) over its aggregated-query and per-query scores; target <= 1.0x;
+  (e) peak resident memory of every subprocess;
+  (f) precision: float32 against float64 passes for EK-FAC (factors on
+      ``--hessian-samples``) and for Gauss-Newton CG: time, relative difference and
+      Spearman of the scores against the float64 result;
+  (g) ``hessian="lowrank"`` (``--rank``, Gauss-Newton, the finetune head by CG) against
+      the converged Gauss-Newton CG solve: Spearman and Pearson.
+
+Run::
+
+    python benchmarks/bench_cnn.py --json /tmp/bench_cnn.json    # m = 24,000: hours
+    python benchmarks/bench_cnn.py --size tiny                   # seconds; the smoke test
+
+Threads are pinned (torch and BLAS, in every subprocess) to ``--threads`` (default 1).
+No GPU is used (``--device`` exists, but the CUDA path was not measured).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))  # the repository: paper/
+
+SIZES = {
+    "full": dict(m=None, n_finetune=5000, n_test=None, n_matrix=1000, matrix_factor_points=20,
+                 hessian_samples=1000, rank=100, max_iter=500, pretrain_epochs=3,
+                 finetune_epochs=5),
+    "tiny": dict(m=64, n_finetune=32, n_test=16, n_matrix=8, matrix_factor_points=2,
+                 hessian_samples=32, rank=4, max_iter=10, pretrain_epochs=1,
+                 finetune_epochs=1),
+}
+BATCH = 128  # the training epoch's minibatch, and the estimator's batch size
+PRETRAIN_DAMPING, FINETUNE_DAMPING = 1e-2, 1e-3
+
+
+def _parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="preset; the options below override it")
+    parser.add_argument("--m", type=int, default=None,
+                        help="pretrain images (default: all 24,000 of classes 0-3)")
+    for name in ("n_finetune", "n_test", "n_matrix", "matrix_factor_points",
+                 "hessian_samples", "rank", "max_iter", "pretrain_epochs", "finetune_epochs"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the passes of the timed runs (a), (b), (g)")
+    parser.add_argument("--tol", type=float, default=1e-6,
+                        help="relative residual of the reference Gauss-Newton CG solve")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--skip-precision", action="store_true")
+    parser.add_argument("--skip-lowrank", action="store_true")
+    parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("--cache-dir", default="/tmp/skmsif-bench-cnn")
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None and not (key == "m" and args.size == "full"):
+            setattr(args, key, value)
+    return args
+
+
+ARGS = _parse()
+for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[variable] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import pearsonr, spearmanr  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+threadpool_limits(ARGS.threads)
+
+WORK = Path(ARGS.cache_dir) / (
+    f"m{ARGS.m}-n{ARGS.n_finetune}-t{ARGS.n_test}-e{ARGS.pretrain_epochs}"
+    f"-{ARGS.finetune_epochs}-s{ARGS.seed}")
+
+
+def log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- set-up
+
+def prepare():
+    """Data (saved as .npz for the workers) and both models, trained once and cached."""
+    from paper.models import make_mnist_cnn
+    from paper.training import accuracy, fit_adam
+    from skmsif.datasets import fashion_mnist_split
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    data_path, model_path = WORK / "data.npz", WORK / "models.pt"
+    if not data_path.is_file():
+        split = fashion_mnist_split(random_state=ARGS.seed, n_pretrain=ARGS.m,
+                                    n_finetune=ARGS.n_finetune, n_test=ARGS.n_test)
+        np.savez(data_path, Z0=split.Z[0], Z1=split.Z[1], X0=split.X[0], X1=split.X[1],
+                 T0=split.x_test[0], T1=split.x_test[1])
+    data = load_data()
+    if not model_path.is_file():
+        _, pretrain_model, finetune_model = make_mnist_cnn(seed=ARGS.seed)
+        start = time.perf_counter()
+        fit_adam(pretrain_model, data["Z"], damping=PRETRAIN_DAMPING,
+                 n_steps=ARGS.pretrain_epochs * -(-len(data["Z"][1]) // BATCH),
+                 batch_size=BATCH, random_state=ARGS.seed)
+        head = list(finetune_model[1].parameters())
+        fit_adam(finetune_model, data["X"], params=head, damping=FINETUNE_DAMPING,
+                 n_steps=ARGS.finetune_epochs * -(-len(data["X"][1]) // BATCH),
+                 batch_size=BATCH, random_state=ARGS.seed)
+        torch.save({"pretrain": pretrain_model.state_dict(),
+                    "finetune": finetune_model.state_dict(),
+                    "accuracy": {"pretrain_train": accuracy(pretrain_model, data["Z"]),
+                                 "finetune_test": accuracy(finetune_model, data["x_test"])}},
+                   model_path)
+        log(f"trained both models in {time.perf_counter() - start:.0f} s (cached in "
+            f"{model_path})")
+    return data, torch.load(model_path, weights_only=True)["accuracy"]
+
+
+def load_data():
+    arrays = np.load(WORK / "data.npz")
+    return {"Z": (arrays["Z0"], arrays["Z1"]), "X": (arrays["X0"], arrays["X1"]),
+            "x_test": (arrays["T0"], arrays["T1"])}
+
+
+def load_models():
+    from paper.models import make_mnist_cnn
+
+    _, pretrain_model, finetune_model = make_mnist_cnn(seed=ARGS.seed)
+    saved = torch.load(WORK / "models.pt", weights_only=True)
+    pretrain_model.load_state_dict(saved["pretrain"])
+    finetune_model.load_state_dict(saved["finetune"])
+    return pretrain_model, finetune_model
+
+
+# --------------------------------------------------------------------------- workers
+
+class Timers:
+    """Wall time spent inside chosen functions (wrapped, behaviour unchanged)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def wrap(self, owner, attribute, label):
+        original = owner.__dict__[attribute]
+        function = original.__func__ if isinstance(original, classmethod) else original
+        timers = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers.seconds[label] = (timers.seconds.get(label, 0.0)
+                                         + time.perf_counter() - start)
+
+        setattr(owner, attribute, classmethod(timed) if isinstance(original, classmethod)
+                else timed)
+
+
+def estimator(**params):
+    from skmsif import MultiStageInfluenceEstimator
+
+    settings = dict(embedding="fixed", pretrain_damping=PRETRAIN_DAMPING,
+                    finetune_damping=FINETUNE_DAMPING, batch_size=BATCH,
+                    random_state=ARGS.seed, device=ARGS.device, max_iter=ARGS.max_iter)
+    settings.update(params)
+    return MultiStageInfluenceEstimator(**settings)
+
+
+def histories(est):
+    out = {}
+    for stage in ("pretrain", "finetune"):
+        history = getattr(getattr(est, f"{stage}_solver_"), "history_", None)
+        if history:
+            out[stage] = {"n_iter": int(history[-1]["n_iter"]),
+                          "residual": float(history[-1]["residual"])}
+    return out
+
+
+def worker_epoch(data):
+    from paper.training import fit_adam
+
+    pretrain_model, _ = load_models()
+    fit_adam(pretrain_model, data["Z"], damping=PRETRAIN_DAMPING, n_steps=3,
+             batch_size=BATCH)  # warm-up
+    start = time.perf_counter()
+    fit_adam(pretrain_model, data["Z"], damping=PRETRAIN_DAMPING,
+             n_steps=-(-len(data["Z"][1]) // BATCH), batch_size=BATCH, random_state=1)
+    return {"seconds": time.perf_counter() - start}
+
+
+# Where the EK-FAC run spends its time: (object in skmsif, attribute, label).
+PHASES = [
+    ("_estimator", "_stationarity", "stationarity check"),
+    ("_kfac.KroneckerCurvature", "fit", "K-FAC factors (both stages)"),
+    ("_kfac.KroneckerCurvature", "_correct_eigenvalues", "of which EK-FAC eigenvalue passes"),
+    ("_estimator._FittedState", "factors", "test gradients + solves + H_WTheta"),
+    ("_estimator._FittedState", "directional", "scoring pass over Z"),
+]
+
+
+def worker_ekfac(data, dtype, hessian_samples, matrix):
+    """EK-FAC fit + score; with ``matrix``, the (n_matrix, m) influence matrix too."""
+    import operator
+    import warnings
+
+    import skmsif._estimator
+    import skmsif._kfac  # noqa: F401
+
+    timers = Timers()
+    for owner, attribute, label in PHASES:
+        timers.wrap(operator.attrgetter(owner)(skmsif), attribute, label)
+    pretrain_model, finetune_model = load_models()
+    est = estimator(hessian="ekfac", dtype=dtype, hessian_samples=hessian_samples)
+    result = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stationarity of briefly trained models: reported
+        start = time.perf_counter()
+        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
+        result["fit_seconds"] = time.perf_counter() - start
+        scores = est.score(data["x_test"])
+        result["seconds"] = time.perf_counter() - start
+        result["phases"] = {label: timers.seconds.get(label, 0.0) for _, _, label in PHASES}
+        result["stationarity"] = {k: v["relative"] for k, v in est.stationarity_.items()}
+        if matrix:
+            points = ARGS.matrix_factor_points
+            x_matrix = tuple(part[:ARGS.n_matrix] for part in data["x_test"])
+            start = time.perf_counter()
+            factors = est.influence_factors(tuple(part[:points] for part in x_matrix))
+            result["factor_seconds_per_point"] = (time.perf_counter() - start) / points
+            rows = np.resize(factors, (ARGS.n_matrix, factors.shape[1]))
+            start = time.perf_counter()
+            block = est.influence_from_factors(rows, data["Z"])
+            result["matrix_scoring_seconds"] = time.perf_counter() - start
+            result["matrix_shape"] = list(block.shape)
+            result["matrix_seconds"] = (result["fit_seconds"] + ARGS.n_matrix
+                                        * result["factor_seconds_per_point"]
+                                        + result["matrix_scoring_seconds"])
+    return result, scores
+
+
+def worker_cg(data, dtype):
+    import warnings
+
+    pretrain_model, finetune_model = load_models()
+    tol = ARGS.tol if dtype == "float64" else 1e-5
+    est = estimator(hessian="cg", curvature="gauss_newton", iterative_solver="cg",
+                    dtype=dtype, hessian_samples=ARGS.hessian_samples, tol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # residuals are reported
+        start = time.perf_counter()
+        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
+        scores = est.score(data["x_test"])
+    return {"seconds": time.perf_counter() - start, "tol": tol,
+            "solves": histories(est)}, scores
+
+
+def worker_lowrank(data, dtype):
+    import warnings
+
+    pretrain_model, finetune_model = load_models()
+    est = estimator(hessian="lowrank", finetune_hessian="cg", curvature="gauss_newton",
+                    iterative_solver="cg", rank=ARGS.rank, dtype=dtype,
+                    hessian_samples=ARGS.hessian_samples, tol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
+        scores = est.score(data["x_test"])
+    return {"seconds": time.perf_counter() - start, "solves": histories(est)}, scores
+
+
+def worker_kronfluence(data):
+    """kronfluence 1.0.1's EK-FAC, single stage, on the pretrain model (its defaults)."""
+    import tempfile
+    import warnings
+
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    class ClassificationTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            return F.cross_entropy(model(inputs), labels, reduction="sum")
+
+    pretrain_model, _ = load_models()
+    pretrain_model.eval()
+    Z = TensorDataset(torch.as_tensor(data["Z"][0]), torch.as_tensor(data["Z"][1]))
+    inputs = torch.as_tensor(data["x_test"][0])
+    with torch.no_grad():
+        predicted = torch.cat([pretrain_model(inputs[s:s + 1024]).argmax(1)
+                               for s in range(0, len(inputs), 1024)])
+    queries = TensorDataset(inputs, predicted)
+    matrix_queries = TensorDataset(inputs[:ARGS.n_matrix], predicted[:ARGS.n_matrix])
+    result = {}
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(ARGS.seed)
+        start = time.perf_counter()
+        model = prepare_model(pretrain_model, ClassificationTask())
+        analyzer = Analyzer("bench", model, ClassificationTask(), cpu=True, disable_tqdm=True,
+                            output_dir=folder)
+        analyzer.fit_all_factors("ekfac", Z, per_device_batch_size=BATCH,
+                                 factor_args=FactorArguments(strategy="ekfac"),
+                                 overwrite_output_dir=True)
+        result["factor_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        analyzer.compute_pairwise_scores(
+            "summed", "ekfac", query_dataset=queries, train_dataset=Z,
+            per_device_query_batch_size=BATCH, per_device_train_batch_size=BATCH,
+            score_args=ScoreArguments(damping_factor=PRETRAIN_DAMPING,
+                                      aggregate_query_gradients=True),
+            overwrite_output_dir=True)
+        result["score_seconds"] = result["factor_seconds"] + time.perf_counter() - start
+        if not ARGS.skip_matrix:
+            start = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                "matrix", "ekfac", query_dataset=matrix_queries, train_dataset=Z,
+                per_device_query_batch_size=BATCH, per_device_train_batch_size=BATCH,
+                score_args=ScoreArguments(damping_factor=PRETRAIN_DAMPING),
+                overwrite_output_dir=True)
+            shape = analyzer.load_pairwise_scores("matrix")["all_modules"].shape
+            result["matrix_seconds"] = result["factor_seconds"] + time.perf_counter() - start
+            result["matrix_shape"] = list(shape)
+    return result, None
+
+
+def run_worker(name):
+    data = load_data()
+    kinds = {
+        "epoch": lambda: (worker_epoch(data), None),
+        "ekfac": lambda: worker_ekfac(data, ARGS.dtype, None, not ARGS.skip_matrix),
+        "ekfac_sampled": lambda: worker_ekfac(data, ARGS.dtype, ARGS.hessian_samples, False),
+        "ekfac_sampled_float64": lambda: worker_ekfac(data, "float64", ARGS.hessian_samples,
+                                                      False),
+        "cg_float64": lambda: worker_cg(data, "float64"),
+        "cg_float32": lambda: worker_cg(data, "float32"),
+        "lowrank": lambda: worker_lowrank(data, ARGS.dtype),
+        "kronfluence": lambda: worker_kronfluence(data),
+    }
+    kind = name.split("#")[0]
+    result, scores = kinds[kind]()
+    if scores is not None:
+        np.save(WORK / f"{name}.npy", scores)
+    with open(WORK / f"{name}.json", "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+
+
+def spawn(name):
+    """Run worker ``name`` in a subprocess; its result, and its own peak memory."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
+    command += [arg for arg in sys.argv[1:]]
+    log(f"running {name}")
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        sys.exit(f"worker {name} failed with exit code {process.returncode}")
+    with open(WORK / f"{name}.json", encoding="utf-8") as handle:
+        result = json.load(handle)
+    result["peak_rss_gb"] = usage.ru_maxrss / 2**20  # kilobytes on Linux
+    scores_path = WORK / f"{name}.npy"
+    scores = np.load(scores_path) if scores_path.is_file() else None
+    log(f"{name}: {result.get('seconds', result.get('score_seconds', 0)):.1f} s, peak "
+        f"{result['peak_rss_gb']:.2f} GB")
+    return result, scores
+
+
+# --------------------------------------------------------------------------- report
+
+def agreement(scores, reference):
+    return {"spearman": float(spearmanr(scores, reference)[0]),
+            "pearson": float(pearsonr(scores, reference)[0]),
+            "relative_difference": float(np.linalg.norm(scores - reference)
+                                         / np.linalg.norm(reference))}
+
+
+def main():
+    from skmsif.datasets import fashion_mnist_available
+
+    if not fashion_mnist_available():
+        sys.exit("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
+    start_all = time.perf_counter()
+    data, accuracy = prepare()
+    m, n, t = len(data["Z"][1]), len(data["X"][1]), len(data["x_test"][1])
+    n_params = sum(p.numel() for p in load_models()[0].parameters())
+    print(f"Fashion-MNIST, Table A CNN ({n_params} pretrain parameters), m = {m}, "
+          f"finetune n = {n}, test points = {t}, Case 1; {ARGS.threads} thread(s), "
+          f"device {ARGS.device}; passes {ARGS.dtype}; dampings {PRETRAIN_DAMPING:g} / "
+          f"{FINETUNE_DAMPING:g}; pretrain train accuracy {accuracy['pretrain_train']:.3f}, "
+          f"finetune test accuracy {accuracy['finetune_test']:.3f}", flush=True)
+
+    runs = {}
+    order = ["epoch#start", "ekfac", "ekfac_sampled", "cg_float64"]
+    if not ARGS.skip_precision:
+        order += ["cg_float32", "ekfac_sampled_float64"]
+    if not ARGS.skip_lowrank:
+        order += ["lowrank"]
+    if not ARGS.skip_kronfluence:
+        order += ["kronfluence"]
+    order += ["epoch#end"]
+    for name in order:
+        runs[name] = spawn(name)
+    results = {name: run[0] for name, run in runs.items()}
+    scores = {name: run[1] for name, run in runs.items() if run[1] is not None}
+
+    epochs = [results["epoch#start"]["seconds"], results["epoch#end"]["seconds"]]
+    epoch = float(np.mean(epochs))
+    reference = scores["cg_float64"]
+    rows = []
+
+    def row(label, seconds, note=""):
+        rows.append((label, seconds, seconds / epoch, note))
+
+    row("training epoch (Adam, batch 128, over Z), mean of start/end", epoch,
+        f"start {epochs[0]:.1f} s, end {epochs[1]:.1f} s")
+    ek = results["ekfac"]
+    phases = ", ".join(f"{k} {v / epoch:.2f}" for k, v in ek["phases"].items())
+    row("(a) EK-FAC score end to end, factors on all of Z", ek["seconds"],
+        f"target <= 5; in epochs: {phases}")
+    eks = results["ekfac_sampled"]
+    row(f"(a) EK-FAC score end to end, factors on {ARGS.hessian_samples} of Z",
+        eks["seconds"], "target <= 5; in epochs: " + ", ".join(
+            f"{k} {v / epoch:.2f}" for k, v in eks["phases"].items()))
+    if "matrix_seconds" in ek:
+        row(f"(b) ({ARGS.n_matrix}, m) EK-FAC influence, factors on all of Z",
+            ek["matrix_seconds"],
+            f"target <= 20; fit {ek['fit_seconds'] / epoch:.2f} + factors "
+            f"{ARGS.n_matrix} x {ek['factor_seconds_per_point']:.2f} s (timed on "
+            f"{ARGS.matrix_factor_points}) = "
+            f"{ARGS.n_matrix * ek['factor_seconds_per_point'] / epoch:.2f} + scoring "
+            f"{ek['matrix_scoring_seconds'] / epoch:.2f}")
+        sampled_matrix = (eks["fit_seconds"] + ARGS.n_matrix * ek["factor_seconds_per_point"]
+                          + ek["matrix_scoring_seconds"])
+        row(f"(b) same, factors on {ARGS.hessian_samples} of Z (its fit + the above)",
+            sampled_matrix, "target <= 20")
+    cg = results["cg_float64"]
+    row("Gauss-Newton CG reference, float64", cg["seconds"],
+        f"tol {cg['tol']:g}; " + "; ".join(
+            f"{stage} {v['n_iter']} iterations, residual {v['residual']:.1e}"
+            for stage, v in cg["solves"].items()))
+    if "kronfluence" in results:
+        kr = results["kronfluence"]
+        row("(d) kronfluence EK-FAC, aggregated query (single stage)", kr["score_seconds"],
+            f"factors {kr['factor_seconds'] / epoch:.2f}; ours (a)/theirs = "
+            f"{ek['seconds'] / kr['score_seconds']:.2f}x (target <= 1.0x); factors on "
+            f"{ARGS.hessian_samples}: {eks['seconds'] / kr['score_seconds']:.2f}x")
+        if "matrix_seconds" in kr and "matrix_seconds" in ek:
+            row(f"(d) kronfluence EK-FAC, {ARGS.n_matrix} queries x m", kr["matrix_seconds"],
+                f"ours (b)/theirs = {ek['matrix_seconds'] / kr['matrix_seconds']:.2f}x "
+                "(target <= 1.0x)")
+    if "lowrank" in results:
+        row(f"(g) low rank {ARGS.rank}, Gauss-Newton, factors on {ARGS.hessian_samples}",
+            results["lowrank"]["seconds"])
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measurement'.ljust(width)}  {'seconds':>9}  {'epochs':>7}  notes")
+    for label, seconds, ratio, note in rows:
+        print(f"{label.ljust(width)}  {seconds:9.1f}  {ratio:7.2f}  {note}")
+
+    print("\nAgreement of the summed scores (all m pretrain examples) with the Gauss-Newton "
+          "CG reference (float64)")
+    comparisons = [("(c) EK-FAC, factors on all of Z", "ekfac"),
+                   (f"(c) EK-FAC, factors on {ARGS.hessian_samples} of Z", "ekfac_sampled"),
+                   ("(f) Gauss-Newton CG, float32 passes", "cg_float32"),
+                   (f"(g) low rank {ARGS.rank}", "lowrank")]
+    report = {}
+    for label, name in comparisons:
+        if name in scores:
+            report[name] = agreement(scores[name], reference)
+            print(f"  {label:<40} Spearman {report[name]['spearman']:.4f}  Pearson "
+                  f"{report[name]['pearson']:.4f}  relative difference "
+                  f"{report[name]['relative_difference']:.2e}")
+
+    if not ARGS.skip_precision:
+        print("\n(f) Precision: float32 against float64 passes")
+        pairs = [("EK-FAC, factors on " + str(ARGS.hessian_samples), "ekfac_sampled",
+                  "ekfac_sampled_float64"),
+                 ("Gauss-Newton CG", "cg_float32", "cg_float64")]
+        for label, f32, f64 in pairs:
+            agree = agreement(scores[f32], scores[f64])
+            report[f"precision {label}"] = agree
+            print(f"  {label:<28} time float32 {results[f32]['seconds'] / epoch:6.2f} epochs, "
+                  f"float64 {results[f64]['seconds'] / epoch:6.2f} epochs; relative "
+                  f"difference {agree['relative_difference']:.2e}, Spearman "
+                  f"{agree['spearman']:.6f}")
+
+    print("\n(e) Peak resident memory per subprocess (GB): " + ", ".join(
+        f"{name} {result['peak_rss_gb']:.2f}" for name, result in results.items()))
+    total = time.perf_counter() - start_all
+    print(f"\nTotal {total:.0f} s. Threads {ARGS.threads}; CUDA path not measured.")
+    if ARGS.json:
+        with open(ARGS.json, "w", encoding="utf-8") as handle:
+            json.dump({"settings": vars(ARGS), "epoch_seconds": epochs, "results": results,
+                       "agreement": report, "rows": rows}, handle, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    if ARGS.worker:
+        run_worker(ARGS.worker)
+    else:
+        main()
