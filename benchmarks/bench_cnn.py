@@ -389,7 +389,11 @@ def run_worker(name):
         "kronfluence": lambda: worker_kronfluence(data),
     }
     kind = name.split("#")[0]
+    # Every worker times its own training epoch just before its task, so that each
+    # ratio compares two timings taken minutes apart, not an hour apart.
+    epoch = worker_epoch(data)["seconds"]
     result, scores = kinds[kind]()
+    result["epoch_seconds"] = epoch
     if scores is not None:
         np.save(WORK / f"{name}.npy", scores)
     with open(WORK / f"{name}.json", "w", encoding="utf-8") as handle:

@@ -732,10 +732,15 @@ class _FittedState:
     def test_data(self, x_test):
         x_test = transform_data(x_test, self.finetune_transform, "x_test")
         data = as_source(x_test, "x_test", self.dtype, self.settings["label_key"])
-        probe_model(self.finetune_adapter.outputs_at_state, data,
-                    self.finetune_adapter.loss_spec, "finetune_loss", "finetune_model",
-                    self.batch_size, self.device)
-        self.finetune.check(data, self.batch_size, self.device)
+        from ._solvers import FORWARD_MODE_LOCK
+
+        # The check differentiates with torch.func, whose transform stack is shared by
+        # the threads of a process: it takes its turn like every other such section.
+        with FORWARD_MODE_LOCK:
+            probe_model(self.finetune_adapter.outputs_at_state, data,
+                        self.finetune_adapter.loss_spec, "finetune_loss", "finetune_model",
+                        self.batch_size, self.device)
+            self.finetune.check(data, self.batch_size, self.device)
         return data
 
     def _mixed(self, v1):
@@ -1009,147 +1014,12 @@ class _FittedState:
             ``None`` when a part cannot be identified (a loss whose closure or globals hold
             an object of unknown kind): such a computation is never resumed.
         """
-        import builtins
-        import functools
-        import types
-
         import skmsif
 
+        from ._identity import Unidentified, digest as digest_of, feed, module_code
         from ._solvers import FORWARD_MODE_LOCK
 
         parts = {} if parts is None else parts
-
-        class Unidentified(Exception):
-            pass
-
-        library = ("torch", "numpy", "builtins", "functools", "math", "scipy", "sklearn")
-
-        def is_library(kind):
-            return (getattr(kind, "__module__", None) or "").split(".")[0] in library
-
-        def code_bytes(hasher, code):
-            hasher.update(code.co_code)
-            hasher.update(repr((code.co_names, code.co_argcount, code.co_kwonlyargcount,
-                                code.co_flags)).encode())
-            for constant in code.co_consts:
-                if isinstance(constant, types.CodeType):
-                    code_bytes(hasher, constant)
-                else:
-                    hasher.update(repr(constant).encode())
-
-        def global_names(code):
-            names = set(code.co_names)
-            for constant in code.co_consts:
-                if isinstance(constant, types.CodeType):
-                    names |= global_names(constant)
-            return names
-
-        def feed(hasher, value, seen, depth=0):
-            if depth > 20:
-                raise Unidentified("it nests objects too deeply")
-            if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-                hasher.update(f"{type(value).__name__}:{value!r};".encode())
-                return
-            if isinstance(value, (torch.dtype, torch.device, np.dtype, np.generic)):
-                hasher.update(f"{type(value).__name__}:{value!r};".encode())
-                return
-            if isinstance(value, torch.Tensor):
-                tensor = value.detach().cpu().contiguous()
-                hasher.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-                hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-                return
-            if isinstance(value, np.ndarray):
-                if value.dtype == object:
-                    feed(hasher, value.tolist(), seen, depth + 1)
-                    return
-                hasher.update(f"array:{value.dtype}:{value.shape};".encode())
-                hasher.update(np.ascontiguousarray(value).tobytes())
-                return
-            if isinstance(value, (list, tuple)):
-                hasher.update(f"{type(value).__name__}:{len(value)};".encode())
-                for item in value:
-                    feed(hasher, item, seen, depth + 1)
-                return
-            if isinstance(value, (set, frozenset)):
-                hasher.update(f"set:{sorted(repr(item) for item in value)!r};".encode())
-                return
-            if isinstance(value, dict):
-                hasher.update(f"dict:{len(value)};".encode())
-                for key in sorted(value, key=repr):
-                    feed(hasher, key, seen, depth + 1)
-                    feed(hasher, value[key], seen, depth + 1)
-                return
-            if isinstance(value, types.ModuleType):
-                hasher.update(f"module:{value.__name__};".encode())
-                return
-            if id(value) in seen:
-                hasher.update(b"seen;")
-                return
-            seen = seen | {id(value)}
-            if isinstance(value, type):
-                hasher.update(f"type:{value.__module__}.{value.__qualname__};".encode())
-                if not is_library(value):
-                    for attribute in ("__call__", "forward"):
-                        method = value.__dict__.get(attribute)
-                        if isinstance(method, types.FunctionType):
-                            feed(hasher, method, seen, depth + 1)
-                return
-            if isinstance(value, functools.partial):
-                hasher.update(b"partial;")
-                for item in (value.func, value.args, value.keywords):
-                    feed(hasher, item, seen, depth + 1)
-                return
-            if isinstance(value, types.MethodType):
-                hasher.update(b"method;")
-                feed(hasher, value.__func__, seen, depth + 1)
-                feed(hasher, value.__self__, seen, depth + 1)
-                return
-            if isinstance(value, types.FunctionType):
-                hasher.update(f"function:{value.__module__}.{value.__qualname__};".encode())
-                code_bytes(hasher, value.__code__)
-                feed(hasher, value.__defaults__, seen, depth + 1)
-                feed(hasher, value.__kwdefaults__, seen, depth + 1)
-                for cell in value.__closure__ or ():
-                    try:
-                        contents = cell.cell_contents
-                    except ValueError:
-                        hasher.update(b"empty-cell;")
-                    else:
-                        feed(hasher, contents, seen, depth + 1)
-                namespace = value.__globals__
-                for name in sorted(global_names(value.__code__)):
-                    if name in namespace:
-                        hasher.update(f"global:{name};".encode())
-                        feed(hasher, namespace[name], seen, depth + 1)
-                    elif not hasattr(builtins, name):
-                        hasher.update(f"unbound:{name};".encode())
-                return
-            if callable(value) and not hasattr(value, "__dict__") and hasattr(
-                    value, "__qualname__"):
-                # Built-in functions and methods (torch.log, math.exp, ...).
-                owner = getattr(value, "__self__", None)
-                hasher.update(f"builtin:{getattr(value, '__module__', '')}."
-                              f"{value.__qualname__};".encode())
-                if owner is not None and not isinstance(owner, types.ModuleType):
-                    feed(hasher, owner, seen, depth + 1)
-                return
-            if isinstance(value, np.ufunc):
-                hasher.update(f"ufunc:{value.__name__};".encode())
-                return
-            if hasattr(value, "__dict__") and not hasattr(type(value), "__slots__"):
-                # An object (a loss module, a callable instance): its class and attributes.
-                feed(hasher, type(value), seen, depth + 1)
-                feed(hasher, dict(vars(value)), seen, depth + 1)
-                return
-            raise Unidentified(f"it holds a {type(value).__module__}."
-                               f"{type(value).__qualname__} object, which has no "
-                               "identity by value")
-
-        def digest_of(*values):
-            hasher = new_hasher()
-            for value in values:
-                feed(hasher, value, frozenset())
-            return hasher.hexdigest()
 
         with FORWARD_MODE_LOCK:
             fitted = getattr(self, "_fingerprint_cache", None)
@@ -1157,12 +1027,7 @@ class _FittedState:
                 fitted = {}
                 models = new_hasher()
                 for adapter in (self.pretrain.adapter, self.finetune_adapter):
-                    models.update(repr(adapter.module).encode())
-                    for module in adapter.module.modules():
-                        kind = type(module)
-                        forward = kind.__dict__.get("forward")
-                        if not is_library(kind) and isinstance(forward, types.FunctionType):
-                            code_bytes(models, forward.__code__)
+                    module_code(models, adapter.module)
                     for name in sorted(adapter.state):
                         models.update(name.encode())
                         feed(models, adapter.state[name], frozenset())

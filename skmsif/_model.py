@@ -126,10 +126,17 @@ def call_model(module, inputs, state=None, model_name="model"):
     """``module(inputs)`` or ``module(**inputs)``, at ``state`` when given; outputs tensor."""
     if state is None:
         result = module(**inputs) if isinstance(inputs, dict) else module(inputs)
-    elif isinstance(inputs, dict):
-        result = functional_call(module, state, (), inputs)
     else:
-        result = functional_call(module, state, (inputs,))
+        from ._solvers import FORWARD_MODE_LOCK
+
+        # functional_call swaps the module's tensors for the call's duration: threads
+        # sharing one module take turns (the lock is re-entrant, so sections that
+        # already hold it for their torch.func transforms pass straight through).
+        with FORWARD_MODE_LOCK:
+            if isinstance(inputs, dict):
+                result = functional_call(module, state, (), inputs)
+            else:
+                result = functional_call(module, state, (inputs,))
     return extract_outputs(result, model_name)
 
 

@@ -404,7 +404,19 @@ class _RemovalProblem:
         matrix = objective.dense_hessian(data, self.batch_size, self.device,
                                          curvature=self.fin_curvature).to(torch.float64)
         matrix = matrix + torch.diag(self.fin_shift.to(torch.float64))
-        return _solve_dense(matrix, gradient, "finetune", "finetune_damping")
+        # Where a large removal takes the finetune weights through a region of negative
+        # curvature, |eigenvalues| keep the step a descent direction (the Newton step
+        # wherever the damped curvature is positive definite).
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        magnitudes = values.abs()
+        if not magnitudes.min() > magnitudes.max() * len(values) * torch.finfo(
+                torch.float64).eps:
+            raise ValueError(
+                "The damped finetune Hessian of a Newton step of removal_effect is "
+                "singular; increase finetune_damping."
+            )
+        coefficients = vectors.T @ gradient.to(torch.float64)
+        return (vectors @ (coefficients / magnitudes)).to(gradient.dtype)
 
     def _finetune_value(self, objective, data, w_new):
         """The (tilted) finetune objective at the objective's point."""
@@ -429,6 +441,8 @@ class _RemovalProblem:
         Newton steps from the finetuned weights with a backtracking line search (a step
         is halved until the objective decreases enough), until the gradient's norm is
         ``FINETUNE_RTOL`` times its first value, or down to the floor rounding sets.
+        Through regions of negative curvature, ``"exact"`` takes the eigenvalues'
+        magnitudes and the other backends a gradient step, so that every step descends.
         """
         objective, data = self._finetune_space(w_new)
         eps = torch.finfo(objective.point.dtype).eps
@@ -443,8 +457,10 @@ class _RemovalProblem:
                 break
             direction = self._finetune_direction(objective, data, gradient)
             slope = float(gradient @ direction)
-            if not slope > 0:  # not a descent direction (indefinite curvature)
-                break
+            if not slope > 0:
+                # Not a descent direction (an indefinite curvature, from a Krylov or a
+                # fitted solve): a gradient step instead.
+                direction, slope = gradient, float(gradient @ gradient)
             step, accepted = 1.0, None
             slack = 16 * eps * (1 + abs(value))
             while step >= 2.0**-30:
@@ -562,8 +578,8 @@ def removal_effect(state, x_test, indices, newton_steps):
             f"For {len(entries)} of {len(groups)} entries of indices (the first: "
             f"{entries[:5].tolist()}) the finetune stage was not re-solved at the new "
             f"embedding (its gradient not reduced by {FINETUNE_RTOL:g} in "
-            f"{FINETUNE_MAX_STEPS} Newton steps with line search, or the curvature was "
-            "not positive definite along the step): their effects are unreliable. "
+            f"{FINETUNE_MAX_STEPS} Newton steps with line search, or no step along the "
+            "Newton direction decreased the objective): their effects are unreliable. "
             "Increase finetune_damping, or check them against retraining.",
             ConvergenceWarning, stacklevel=3)
     return np.array(effects, dtype=np.float64)

@@ -462,3 +462,24 @@ def _cg_normal(apply, b, x0, tol, budget, verbose, name):
 
 _METHODS = {"minres": _minres, "cg": _cg, "cg_normal": _cg_normal}
 
+
+def truncated_cg(apply, rhs, max_iter, rtol):
+    """CG for one system ``H x = rhs`` (1-D), for Newton-CG steps in training.
+
+    The package's one CG (:func:`_cg_on`, the solver the estimator uses), on a single
+    right-hand side from zero: it stops at relative residual ``rtol``, after
+    ``max_iter`` products, or where ``H`` shows non-positive curvature along a direction
+    (keeping the iterate reached). Returns ``None`` when that happens on the very first
+    direction, that is, when no descent step was found.
+    """
+    tol = torch.tensor(rtol, dtype=rhs.dtype)
+    budget = torch.tensor([max_iter])
+
+    def apply_rows(vectors):
+        return torch.stack([apply(vector) for vector in vectors])
+
+    x, _ = _cg_on(apply_rows, rhs[None], torch.zeros_like(rhs)[None], tol, budget,
+                  False, "training", rhs.norm()[None], "cg")
+    x = x[0]
+    return x if bool(x.any()) else (None if bool(rhs.any()) else x)
+

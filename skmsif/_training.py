@@ -21,6 +21,7 @@ import torch
 from sklearn.utils import check_random_state
 
 from ._params import flatten, unflatten
+from ._solvers import truncated_cg
 
 # L-BFGS memory of the "converged" recipe.
 LBFGS_HISTORY = 50
@@ -203,32 +204,6 @@ class Stage:
                 p.add_(piece)
 
 
-def _conjugate_gradient(hvp, rhs, max_iter, rtol):
-    """CG for ``H x = rhs``, truncated where ``H`` shows non-positive curvature.
-
-    Returns ``None`` when the very first direction has non-positive curvature.
-    """
-    x = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
-    rs = residual.dot(residual)
-    target = (rtol * rhs.norm()) ** 2
-    for _ in range(max_iter):
-        if rs <= target:
-            break
-        product = hvp(direction)
-        curvature = direction.dot(product)
-        if curvature <= 0:
-            return x if x.any() else None
-        step = rs / curvature
-        x += step * direction
-        residual -= step * product
-        rs_new = residual.dot(residual)
-        direction = residual + (rs_new / rs) * direction
-        rs = rs_new
-    return x
-
-
 def run_lbfgs(stage, max_iter, tol, *, lr=1.0, max_eval=None, tolerance_change=1e-15,
               history_size=LBFGS_HISTORY):
     """One run of torch's full-batch L-BFGS (strong Wolfe line search) on ``stage``.
@@ -267,7 +242,7 @@ def minimise(stage, max_iter, tol):
         if not grad_max > tol or n_iter >= max_iter:  # converged (or NaN), or budget spent
             break
         gradient = stage.gradient()
-        step = _conjugate_gradient(stage.hvp, -gradient, min(2 * n_params, CG_MAX_ITER),
+        step = truncated_cg(stage.hvp, -gradient, min(2 * n_params, CG_MAX_ITER),
                                    CG_RTOL)
         if step is None:
             break

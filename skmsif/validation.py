@@ -18,7 +18,6 @@ import contextlib
 import copy
 import math
 import os
-import pickle
 import warnings
 from numbers import Integral, Real
 
@@ -200,38 +199,32 @@ def _check_indices(indices, m):
     return array.astype(np.int64)
 
 
-def _callable_key(fn):
-    """Something hashable that identifies a callable across sessions."""
-    try:
-        return joblib.hash(fn)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        # lambdas and local functions are not picklable by reference
-        code = getattr(fn, "__code__", None)
-        return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", repr(fn)),
-                None if code is None else (code.co_code, repr(code.co_consts)))
-
-
 def _fingerprint(problem):
-    """Hash of everything a retrain's result depends on, except ``index`` and ``epsilon``."""
+    """Digest of everything a retrain's result depends on, except ``index`` and
+    ``epsilon``, by the estimator's own identity rules (:mod:`skmsif._identity`): the
+    models' structure, code and values, which parameters they share, the data, the
+    settings (callables by their code, closures and globals, not their names) and the
+    versions. ``None`` when a part has no identity by value (the reason is in the
+    :class:`~skmsif._identity.Unidentified` raised)."""
+    import skmsif
 
-    def arrays(module):
-        return [(name, t.detach().cpu().numpy())
-                for name, t in list(module.named_parameters()) + list(module.named_buffers())]
+    from ._data import new_hasher
+    from ._identity import feed, module_code
 
+    hasher = new_hasher()
+    for model in (problem.pretrain_model, problem.finetune_model):
+        module_code(hasher, model)
+        feed(hasher, {name: tensor for name, tensor in list(model.named_parameters())
+                      + list(model.named_buffers())})
     pre = dict(problem.pretrain_model.named_parameters())
     fin = dict(problem.finetune_model.named_parameters())
-    settings = {key: _callable_key(value) if callable(value) else value
-                for key, value in problem.settings.items()}
-    settings["dtype"] = str(settings["dtype"])
-    settings["device"] = str(settings["device"])
-    return joblib.hash([
-        torch.__version__,
-        repr(problem.pretrain_model), repr(problem.finetune_model),
-        arrays(problem.pretrain_model), arrays(problem.finetune_model),
-        [(a, b, pre[a] is fin[b]) for a, b in problem.pairs],
-        [(d.inputs.numpy(), d.targets.numpy()) for d in (problem.Z, problem.X, problem.x_test)],
-        sorted(settings.items()),
-    ])
+    feed(hasher, [(a, b, pre[a] is fin[b]) for a, b in problem.pairs])
+    feed(hasher, [(data.inputs, data.targets)
+                  for data in (problem.Z, problem.X, problem.x_test)])
+    feed(hasher, problem.settings)
+    feed(hasher, [getattr(skmsif, "__version__", "unknown"), torch.__version__,
+                  np.__version__])
+    return hasher.hexdigest()
 
 
 # --------------------------------------------------------------------------- public API
@@ -568,8 +561,20 @@ def leave_one_out(
     if cache is not None:
         memory = cache if isinstance(cache, joblib.Memory) else joblib.Memory(
             os.fspath(cache), verbose=0)
-        task = memory.cache(_retrain_task, ignore=["problem"])
-        key = _fingerprint(problem)
+        from ._identity import Unidentified
+
+        try:
+            key = _fingerprint(problem)
+        except Unidentified as exc:
+            warnings.warn(
+                f"cache is not used: a setting of this leave_one_out call cannot be "
+                f"identified across calls ({exc}), so a stored retrain could belong to "
+                "another computation. Pass module-level functions (or objects whose "
+                "attributes are plain values) to use the cache.", UserWarning,
+                stacklevel=3)
+            cache = None
+        else:
+            task = memory.cache(_retrain_task, ignore=["problem"])
     eps = None if epsilon is None else float(epsilon)
     jobs = [(None, None)] + [(int(i), eps) for i in unique]
     from_cache = [cache is not None and task.check_call_in_cache(key, i, e, None)
@@ -718,7 +723,8 @@ def faithfulness(predicted, actual, *, groups=None):
     predicted : array-like of shape (n,)
         Predicted change of the summed test loss on removing each example:
         ``-scores[indices] / m`` for the estimator's ``score`` (removal is upweighting
-        by ``epsilon = -1/m``). Not the raw scores, whose sign is the opposite.
+        by ``epsilon = -1/m``), or ``est.removal_effect(x_test, indices,
+        newton_steps=k)`` directly. Not the raw scores, whose sign is the opposite.
     actual : array-like of shape (n,)
         The change from :func:`leave_one_out` for the same examples.
     groups : dict of str to array-like, default=None

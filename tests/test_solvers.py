@@ -108,3 +108,26 @@ def test_lowrank_backend_keeps_the_damping_on_the_dropped_spectrum():
     eigen_only = (rhs @ backend.solver.eigenvectors_.T / backend.solver.eigenvalues_) \
         @ backend.solver.eigenvectors_
     assert (eigen_only - expected).norm() > 0.1 * expected.norm()
+
+
+def test_truncated_cg_is_the_estimators_cg_on_one_system():
+    """Training's Newton-CG uses the package's one CG: it solves an SPD system, keeps
+    the iterate where curvature turns negative, and returns None when the first
+    direction already has non-positive curvature."""
+    from skmsif._solvers import truncated_cg
+
+    rng = np.random.RandomState(0)
+    a = rng.randn(6, 6)
+    spd = torch.as_tensor(a @ a.T + 6 * np.eye(6))
+    rhs = torch.as_tensor(rng.randn(6))
+    x = truncated_cg(lambda v: spd @ v, rhs, 50, 1e-12)
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(spd.numpy(), rhs.numpy()),
+                               rtol=1e-9)
+    # Negative definite: the first direction has negative curvature.
+    assert truncated_cg(lambda v: -spd @ v, rhs, 50, 1e-12) is None
+    # Indefinite with the rhs mostly along a positive direction: a partial iterate.
+    indefinite = torch.diag(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+    partial = truncated_cg(lambda v: indefinite @ v,
+                           torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64), 10, 1e-12)
+    assert partial is not None and bool(torch.isfinite(partial).all())
+    assert float(partial @ torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)) > 0

@@ -11,6 +11,7 @@ and its removals must follow ``-I / m`` to first order.
 """
 
 import copy
+import threading
 
 import joblib
 import numpy as np
@@ -369,6 +370,35 @@ def test_cache_serves_repeated_calls_without_retraining(trained, tmp_path, monke
         changed["finetune"][1].bias.add_(1e-3)
     with pytest.raises(AssertionError, match="retrained although"):
         leave_one_out(*_args(changed), [3], **_kwargs(trained, cache=memory))
+
+
+@pytest.mark.parametrize("trained", ["fixed"], indirect=True)
+def test_cache_identifies_callables_by_code_not_name(trained, tmp_path, monkeypatch):
+    """The cache key uses the estimator's identity rules: two lambdas (one name,
+    ``<lambda>``) that train differently are two entries; a callable holding an object
+    with no identity by value disables the cache, with a warning, instead of serving
+    another computation's retrain."""
+    calls = []
+
+    def retrain(self, index, epsilon):
+        calls.append(index)
+        return original(self, index, epsilon)
+
+    original = validation._Problem.retrain
+    monkeypatch.setattr(validation._Problem, "retrain", retrain)
+    kwargs = _kwargs(trained, cache=tmp_path)
+    leave_one_out(*_args(trained), [3], finetune_fn=lambda model, X, pre: None, **kwargs)
+    assert calls == [None, 3]
+    leave_one_out(*_args(trained), [3], finetune_fn=lambda model, X, pre: None, **kwargs)
+    assert calls == [None, 3]  # the same code: served from the cache
+    leave_one_out(*_args(trained), [3], finetune_fn=lambda model, X, pre: calls and None,
+                  **kwargs)
+    assert calls == [None, 3, None, 3]  # other code, same name: retrained
+    lock = threading.Lock()  # no identity by value
+    with pytest.warns(UserWarning, match="cache is not used.*cannot be identified"):
+        leave_one_out(*_args(trained), [3], finetune_fn=lambda model, X, pre: lock and None,
+                      **kwargs)
+    assert calls[4:] == [None, 3]
 
 
 def test_custom_stages_follow_the_documented_contract(trained):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skmsif._solvers import truncated_cg
+
 LABEL_KEY = "labels"
 # Rows per forward pass when the full objective is evaluated (memory and speed only).
 CHUNK = 256
@@ -238,28 +240,6 @@ def _hvp(objective, vector):
     return result
 
 
-def _conjugate_gradient(hvp, rhs, max_iter, rtol=1e-8):
-    """CG for ``H x = rhs``, stopped at non-positive curvature (``None`` if at once)."""
-    x = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    direction = residual.clone()
-    rs = residual.dot(residual)
-    for _ in range(max_iter):
-        if rs <= (rtol * rhs.norm()) ** 2:
-            break
-        product = hvp(direction)
-        curvature = direction.dot(product)
-        if curvature <= 0:
-            return x if x.any() else None
-        step = rs / curvature
-        x += step * direction
-        residual -= step * product
-        rs_new = residual.dot(residual)
-        direction = residual + (rs_new / rs) * direction
-        rs = rs_new
-    return x
-
-
 def run_newton(objective, model, n_steps, tol, cg_max_iter=200):
     """Newton-CG steps after L-BFGS, which stalls near the optimum: CG on the Hessian
     (stopped at negative curvature), the step halved until the largest gradient entry
@@ -280,7 +260,7 @@ def run_newton(objective, model, n_steps, tol, cg_max_iter=200):
         grad_max = float(grad.abs().max())
         done = 0
         while done < n_steps and grad_max > tol:
-            step = _conjugate_gradient(lambda v: _hvp(objective, v), -grad, cg_max_iter)
+            step = truncated_cg(lambda v: _hvp(objective, v), -grad, cg_max_iter, 1e-8)
             if step is None:
                 break
             scale, accepted = 1.0, False
