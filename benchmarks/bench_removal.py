@@ -35,7 +35,7 @@ Each row: Pearson and Spearman correlation and mean relative error
 seconds per entry of ``removal_effect``, measured serially on ``--n-timed`` entries (CPU
 time, so that other work on the machine does not change it). Run::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_removal.py            # about 10 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bench_removal.py            # 27 min on 2 busy cores
     OMP_NUM_THREADS=1 python benchmarks/bench_removal.py --size tiny  # seconds (smoke)
 
 Threads: torch and BLAS pinned to ``--threads`` (default 1); entries and retrains run on

@@ -189,3 +189,22 @@ def test_page_snippets_run_slow(page, monkeypatch, tmp_path):
 @pytest.mark.parametrize("block", NOT_RUNNABLE, ids=lambda block: block.name)
 def test_not_runnable_blocks_are_reported(block):
     pytest.skip(f"not runnable: {block.marks['not-runnable'][0]}")
+
+
+def test_pages_outside_the_guide_show_only_code_that_runs_here():
+    """doc/index.rst and doc/install.md show the README's code by inclusion, never a copy
+    that could drift from what this test runs: no python or bash block of their own."""
+    pages = sorted((ROOT / "doc").glob("*.rst")) + sorted((ROOT / "doc").glob("*.md"))
+    assert pages
+    own = re.compile(r"^\s*(\.\. code-block::|\.\. code::|```+\s*(python|bash|sh)\b)")
+    for page in pages:
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            assert not own.match(line), (
+                f"{page.relative_to(ROOT)}:{number} has a code block of its own; include "
+                "the README's (literalinclude) so that the tested code is what is shown")
+    index = (ROOT / "doc" / "index.rst").read_text(encoding="utf-8")
+    assert ".. literalinclude:: ../README.md" in index and ":start-after: ```python" in index
+    # The block that start-after finds first is the one README's test runs.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = readme.split("```python", 1)[1].split("```", 1)[0]
+    assert RUNNABLE[ROOT / "README.md"][0].code.strip() == first.strip()

@@ -141,10 +141,12 @@ def test_cached_embedding_features_give_the_whole_network_result(hessian):
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device on this machine; the GPU path is checked on "
                            "a GPU machine with `pytest tests/test_scale.py -k cuda`")
-@pytest.mark.parametrize("hessian", ["exact", "cg", "lowrank"])
-def test_cuda_matches_cpu(problem, hessian):
+@pytest.mark.parametrize("hessian,curvature", [
+    ("exact", "hessian"), ("cg", "hessian"), ("lowrank", "hessian"),
+    ("exact", "gauss_newton"), ("cg", "gauss_newton"), ("kfac", "auto"), ("ekfac", "auto")])
+def test_cuda_matches_cpu(problem, hessian, curvature):
     pretrain_model, finetune_model, Z, X, x_test, reference = problem
-    cpu = clone(reference).set_params(hessian=hessian, rank=1000).fit(
+    cpu = clone(reference).set_params(hessian=hessian, curvature=curvature, rank=1000).fit(
         pretrain_model, finetune_model, Z, X)
     cuda = clone(cpu).set_params(device="cuda").fit(pretrain_model, finetune_model, Z, X)
     assert _relative(cuda.influence(x_test), cpu.influence(x_test)) < 1e-8
