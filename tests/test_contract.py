@@ -571,21 +571,39 @@ def test_threads_sharing_a_fitted_estimator_get_the_serial_results(hessian, roun
     estimator = _estimator(hessian=hessian, batch_size=12, tol=1e-8, pretrain_damping=1.0,
                            finetune_damping=1.0).fit(pretrain_model, finetune_model, Z, X)
     score, influence = estimator.score(x_test), estimator.influence(x_test)
+    factors = estimator.influence_factors(x_test)
+    from_factors = estimator.influence_from_factors(factors, Z)
+    effects = estimator.removal_effect(x_test, [[0, 1], [2]], newton_steps=1)
     failures = []
 
+    # Every entry point that runs the model: torch.func's transforms and functional_call
+    # (which swaps the module's tensors while it runs) are shared by the process's
+    # threads, so each must take its turn.
     def work():
         try:
             for _ in range(rounds):
                 np.testing.assert_array_equal(estimator.score(x_test), score)
                 np.testing.assert_array_equal(estimator.influence(x_test), influence)
+                np.testing.assert_array_equal(
+                    estimator.influence_from_factors(factors, Z), from_factors)
+                np.testing.assert_array_equal(
+                    estimator.removal_effect(x_test, [[0, 1], [2]], newton_steps=1),
+                    effects)
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(f"{type(exc).__name__}: {exc}"[:300])
 
     threads = [threading.Thread(target=work) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    # Switch threads every few microseconds instead of every 5 ms, so that interleavings
+    # that would be rare on an idle machine happen in every run.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
     assert not any(thread.is_alive() for thread in threads)
     assert failures == []
 
