@@ -57,7 +57,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # the repository: paper/
 
 SIZES = {
-    "full": dict(m=None, n_finetune=5000, n_test=None, n_matrix=1000, matrix_factor_points=20,
+    "full": dict(m=None, n_finetune=5000, n_test=None, n_matrix=1000, matrix_factor_points=1000,
                  hessian_samples=1000, rank=100, max_iter=500, pretrain_epochs=3,
                  finetune_epochs=5),
     "tiny": dict(m=64, n_finetune=32, n_test=16, n_matrix=8, matrix_factor_points=2,

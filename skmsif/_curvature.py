@@ -31,6 +31,10 @@ JVP_MAX_VECTORS = 8
 # Vectors pushed through one vmapped call at a time (vmap keeps one copy of the
 # activations per vector).
 HVP_MAX_VECTORS = 16
+# A Gauss-Newton block product for more vectors than this runs as one pass of per-example
+# pseudo-gradients over the data (a cost independent of the number of vectors) instead
+# of one Gauss-Newton product per vector.
+FACTOR_PASS_MIN_VECTORS = 16
 
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -282,6 +286,38 @@ class Objective:
             rows.append(grad(loss)(self.point))
         return torch.stack(rows)
 
+    def pseudo_gradients(self, inputs, targets, loss_factor):
+        """Per-example Gauss-Newton pseudo-gradients ``J_i^T L_i[:, r]``: ``(batch * R, p)``.
+
+        ``L_i`` is the loss's factor (``L_i L_i^T`` the Hessian of example ``i``'s loss in
+        its outputs, :func:`skmsif._kfac.loss_factor_for`), so that the Gauss-Newton
+        matrix of the batch is ``P^T P``. Rows are ordered example by example.
+        """
+        with torch.no_grad():
+            outputs = self.outputs(self.point, inputs)
+        factor = loss_factor(outputs.detach(), targets).to(self.point.dtype)
+        n, _, columns = factor.shape
+
+        def along(flat, example, column):
+            return (self.outputs(flat, _unsqueeze(example)).reshape(-1) * column).sum()
+
+        rows = []
+        for r in range(columns):
+            if not self.loop_examples:
+                try:
+                    rows.append(vmap(grad(along), in_dims=(None, 0, 0))(
+                        self.point, inputs, factor[:, :, r]))
+                    continue
+                except RuntimeError as exc:
+                    if "vmap" not in str(exc) or "data-dependent" not in str(exc):
+                        raise
+                    self.loop_examples = True
+            rows.append(torch.stack([
+                grad(along)(self.point, _index_rows(inputs, slice(i, i + 1)),
+                            factor[i, :, r]) for i in range(n)]))
+        # (R, n, p) -> (n * R, p), example-major.
+        return torch.stack(rows, dim=1).reshape(n * columns, -1)
+
     def gradient_rows(self, data, batch_size, device, summed):
         """Per-example gradients over ``data`` ``(n, p)``, or their sum ``(1, p)``; float64."""
         if summed:
@@ -364,6 +400,45 @@ class CurvatureOperator:
         """The curvature times each row of ``vectors`` ``(k, p)``."""
         return self.objective.curvature_vectors(vectors, self.data, self.batch_size,
                                                 self.device, self.indices, self.curvature)
+
+    def block_product(self, vectors, rows, cols):
+        """``C[rows][:, cols] v`` for each row ``v`` of ``vectors`` ``(k, len(cols))``.
+
+        A product with an off-diagonal block, such as the mixed block ``H_WTheta`` of
+        Case 1 applied to one vector per test point. For the Gauss-Newton matrix and
+        more than ``FACTOR_PASS_MIN_VECTORS`` vectors it is computed from one pass of
+        per-example pseudo-gradients ``P`` over the data, ``P[:, rows]^T (P[:, cols]
+        v)``, whose cost does not grow with ``k`` (beyond the matrix products); else from
+        one curvature product per vector (and for a callable loss, whose output Hessian
+        may be indefinite). Returns ``(k, len(rows))`` in the wider dtype
+        of ``vectors`` and the model.
+        """
+        k = len(vectors)
+        out_dtype = torch.promote_types(vectors.dtype, self.objective.point.dtype)
+        # Named losses only: a callable's output Hessian may be indefinite, which the
+        # factor (clipped to positive semi-definite) would not reproduce.
+        named = isinstance(self.objective.adapter.loss_spec, str)
+        if self.curvature == "gauss_newton" and named and k > FACTOR_PASS_MIN_VECTORS:
+            from ._kfac import loss_factor_for
+
+            loss_factor = loss_factor_for(self.objective.adapter.loss_spec)
+            tangents = vectors.to(self.objective.point.dtype)
+            out = torch.zeros(k, len(rows), dtype=out_dtype, device=vectors.device)
+            try:
+                for inputs, targets in self.batches():
+                    pseudo = self.objective.pseudo_gradients(inputs, targets, loss_factor)
+                    out += ((tangents @ pseudo[:, cols].T) @ pseudo[:, rows]).to(out_dtype)
+            except ValueError as exc:
+                # No factor for these outputs (cross-entropy on sequence logits, say):
+                # the same product, one vector at a time.
+                if "has no Gauss-Newton factor" not in str(exc) and "needs logits" not in str(
+                        exc):
+                    raise
+            else:
+                return out / self.n_examples
+        padded = torch.zeros(k, self.n_params, dtype=vectors.dtype, device=vectors.device)
+        padded[:, cols] = vectors
+        return self.matvec(padded)[:, rows].to(out_dtype)
 
     def dense(self):
         """The dense ``(p, p)`` curvature matrix."""

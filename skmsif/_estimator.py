@@ -745,10 +745,8 @@ class _FittedState:
 
     def _mixed(self, v1):
         """``H_WTheta v1`` (the W rows of the finetune curvature times ``[0; v1]``)."""
-        padded = torch.zeros(len(v1), self.finetune.n_params, dtype=v1.dtype,
-                             device=v1.device)
-        padded[:, self.theta_index] = v1
-        return self.finetune_full_operator.matvec(padded)[:, self.shared_fin_index]
+        return self.finetune_full_operator.block_product(v1, self.shared_fin_index,
+                                                         self.theta_index)
 
     def factors(self, test_data, summed):
         """Steps 1-2 of the class Notes: ``v2``, ``(k, p_pretrain)`` torch.

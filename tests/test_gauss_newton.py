@@ -138,3 +138,74 @@ def test_each_stage_has_its_own_backend():
 def test_kfac_with_the_hessian_is_refused():
     with pytest.raises(ValueError, match="approximates only.*gauss_newton"):
         _estimator("fixed", hessian="kfac", curvature="hessian").fit(*tiny_problem()[:4])
+
+
+@pytest.mark.parametrize("hessian", ["exact", "cg", "ekfac"])
+def test_many_test_points_use_one_pseudo_gradient_pass_for_the_mixed_block(hessian,
+                                                                           monkeypatch):
+    """Case 1 with more test points than FACTOR_PASS_MIN_VECTORS: the mixed block
+    H_WTheta is applied to all of them from one pass of per-example Gauss-Newton
+    pseudo-gradients over X (not one product per test point), and the influence matrix is
+    still the dense reference's."""
+    from skmsif import _curvature
+
+    n_test = _curvature.FACTOR_PASS_MIN_VECTORS + 9
+    problem = tiny_problem("fixed", n_test=n_test)
+    passes = []
+    original = _curvature.Objective.pseudo_gradients
+
+    def counted(self, *args):
+        passes.append(len(args[1]))
+        return original(self, *args)
+
+    monkeypatch.setattr(_curvature.Objective, "pseudo_gradients", counted)
+    estimator = _estimator("fixed", hessian=hessian, curvature="gauss_newton",
+                           iterative_solver="cg", tol=1e-12).fit(*problem[:4])
+    got = estimator.influence(problem[4])
+    assert sum(passes) == len(problem[3][1])  # one pass over X, whatever n_test
+    if hessian == "ekfac":
+        expected = reference("fixed", *problem,
+                             pretrain_matrix=estimator.pretrain_solver_.solver.dense(),
+                             finetune_matrix=estimator.finetune_solver_.solver.dense())
+    else:
+        expected = reference("fixed", *problem)
+    assert np.linalg.norm(got - expected) <= 1e-9 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_block_products_from_pseudo_gradients_equal_dense_gauss_newton_on_a_cnn(loss):
+    """The pseudo-gradient pass against an independent dense J^T H J (jacrev), on a
+    convolution (one Gauss-Newton product per vector is the other path)."""
+    from skmsif._curvature import CurvatureOperator, Objective
+    from skmsif._data import TensorSource
+    from skmsif._model import ModelAdapter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 3)).double()
+    inputs = torch.randn(11, 1, 6, 6, dtype=torch.float64)
+    targets = (torch.randint(0, 3, (11,)) if loss == "cross_entropy"
+               else torch.randn(11, 3, dtype=torch.float64))
+    objective = Objective(ModelAdapter(model, loss, "model", "loss"),
+                          [name for name, _ in model.named_parameters()])
+    operator = CurvatureOperator(objective, TensorSource(inputs, targets, "X", torch.float64),
+                                 "gauss_newton", 4, torch.device("cpu"))
+    p = objective.n_params
+    rows, cols = torch.arange(0, p - 12), torch.arange(p - 12, p)
+    vectors = torch.randn(20, 12, dtype=torch.float64)
+    got = operator.block_product(vectors, rows, cols)
+
+    def outputs(flat, x):
+        return objective.outputs(flat, x)
+
+    jacobian = jacrev(outputs)(objective.point, inputs)  # (n, C, p)
+    logits = outputs(objective.point, inputs).detach()
+    if loss == "cross_entropy":
+        probabilities = torch.softmax(logits, 1)
+        h_out = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[
+            :, None, :]
+    else:
+        h_out = (2.0 / 3) * torch.eye(3, dtype=torch.float64).expand(11, 3, 3)
+    dense = torch.einsum("nap,nab,nbq->pq", jacobian, h_out, jacobian) / 11
+    expected = vectors @ dense[rows][:, cols].T
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
