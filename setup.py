@@ -28,7 +28,7 @@ setup(
                  "numpydoc>=1.6", "transformers>=4.46", "hypothesis>=6.0"],
         # sphinx-mathjax-offline: a local MathJax, so the built pages render maths offline
         "docs": ["sphinx>=7.2", "numpydoc>=1.6", "sphinx-gallery>=0.15", "myst-parser>=2.0",
-                 "pydata-sphinx-theme>=0.15", "matplotlib>=3.5",
+                 "pydata-sphinx-theme>=0.15", "matplotlib>=3.5", "transformers>=4.46",
                  "sphinx-mathjax-offline>=0.0.2"],
     },
     license="BSD-3-Clause",

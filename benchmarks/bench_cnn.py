@@ -88,6 +88,9 @@ def _parse(argv=None):
     parser.add_argument("--skip-precision", action="store_true")
     parser.add_argument("--skip-lowrank", action="store_true")
     parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("--finetune-hessian", default="cg", choices=["cg", "exact", "ekfac"],
+                        help="the finetune (head) stage's backend in the EK-FAC runs: "
+                             "Gauss-Newton CG (default), dense, or EK-FAC too")
     parser.add_argument("--reuse", default="",
                         help="comma-separated runs (e.g. cg_float64,lowrank) whose results "
                              "a previous run with the same settings left in the cache "
@@ -255,7 +258,13 @@ def worker_ekfac(data, dtype, hessian_samples, matrix):
     for owner, attribute, label in PHASES:
         timers.wrap(operator.attrgetter(owner)(skmsif), attribute, label)
     pretrain_model, finetune_model = load_models()
-    est = estimator(hessian="ekfac", dtype=dtype, hessian_samples=hessian_samples)
+    if ARGS.finetune_hessian == "ekfac":
+        est = estimator(hessian="ekfac", dtype=dtype, hessian_samples=hessian_samples)
+    else:  # the head's system by a converged solve (doc/guide/curvature.md says why)
+        est = estimator(hessian="ekfac", finetune_hessian=ARGS.finetune_hessian,
+                        curvature="gauss_newton", iterative_solver="cg",
+                        tol=1e-5 if dtype == "float32" else ARGS.tol, dtype=dtype,
+                        hessian_samples=hessian_samples)
     result = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stationarity of briefly trained models: reported

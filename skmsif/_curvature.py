@@ -313,8 +313,8 @@ class Objective:
                         raise
                     self.loop_examples = True
             rows.append(torch.stack([
-                grad(along)(self.point, _index_rows(inputs, slice(i, i + 1)),
-                            factor[i, :, r]) for i in range(n)]))
+                grad(along)(self.point, _index_rows(inputs, i), factor[i, :, r])
+                for i in range(n)]))
         # (R, n, p) -> (n * R, p), example-major.
         return torch.stack(rows, dim=1).reshape(n * columns, -1)
 

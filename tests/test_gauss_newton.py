@@ -209,3 +209,42 @@ def test_block_products_from_pseudo_gradients_equal_dense_gauss_newton_on_a_cnn(
     dense = torch.einsum("nap,nab,nbq->pq", jacobian, h_out, jacobian) / 11
     expected = vectors @ dense[rows][:, cols].T
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_block_products_of_a_model_that_vmap_refuses_loop_over_examples():
+    """A forward that branches on its inputs' values (as transformers' attention-mask
+    check does) cannot be vmapped: the pseudo-gradients are taken one example at a time,
+    and give the same block product as one Gauss-Newton product per vector."""
+    from skmsif._curvature import CurvatureOperator, Objective
+    from skmsif._data import TensorSource
+    from skmsif._model import ModelAdapter
+
+    class Branching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 5)
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            hidden = torch.tanh(self.body(x))
+            if bool((x > 10).any()):  # data-dependent: never true here
+                hidden = hidden * 2
+            return self.head(hidden)
+
+    torch.manual_seed(0)
+    model = Branching().double()
+    inputs = torch.randn(9, 4, dtype=torch.float64)
+    targets = torch.randint(0, 3, (9,))
+    objective = Objective(ModelAdapter(model, "cross_entropy", "model", "loss"),
+                          [name for name, _ in model.named_parameters()])
+    operator = CurvatureOperator(objective, TensorSource(inputs, targets, "X", torch.float64),
+                                 "gauss_newton", 4, torch.device("cpu"))
+    p = objective.n_params
+    rows, cols = torch.arange(0, 25), torch.arange(25, p)
+    vectors = torch.randn(20, p - 25, dtype=torch.float64)
+    got = operator.block_product(vectors, rows, cols)
+    assert objective.loop_examples  # vmap was refused
+    padded = torch.zeros(20, p, dtype=torch.float64)
+    padded[:, cols] = vectors
+    expected = operator.matvec(padded)[:, rows]
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)

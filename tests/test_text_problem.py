@@ -190,3 +190,164 @@ def test_make_problem_checks_arguments():
         text.make_problem("tiny", case="frozen", cache_dir=False)
     with pytest.raises(ValueError, match="size"):
         text.make_problem("huge", cache_dir=False)
+
+
+# --------------------------------------------------------------------------- experiment
+# paper.text.run_experiment at tiny size: its tables and correlations are checked against
+# estimators fitted here and against the arrays it returns.
+
+EXPERIMENT = {"n_top": 6, "n_random": 6, "n_examples": 2, "n_neighbours": 3}
+
+
+@pytest.fixture(scope="module")
+def experiments(problems, cache):
+    # problems first: the models are then loaded from the cache, not trained again
+    return {case: text.run_experiment("tiny", case, cache_dir=cache, random_state=0,
+                                      out=cache / f"experiment-{case}.png", **EXPERIMENT)
+            for case in text.CASES}
+
+
+def _full_influence(problem, method):
+    from skmsif import MultiStageInfluenceEstimator
+
+    params = {**problem.estimator_params, **text.METHODS[method]}
+    if method == "cg-gn":
+        params.update(max_iter=200, tol=1e-6, random_state=0)
+    est = MultiStageInfluenceEstimator(**params)
+    est.fit(problem.pretrain_model, problem.finetune_model, problem.Z, problem.X)
+    # The matrix over all test tweets, a few rows at a time (test_influence_of_many_test_
+    # tweets_at_once checks that this equals one call over all of them).
+    n_test = len(problem.x_test["labels"])
+    full = np.concatenate([est.influence(_rows(problem.x_test, slice(s, s + CHUNK)))
+                           for s in range(0, n_test, CHUNK)])
+    return full, est.score(problem.x_test)
+
+
+CHUNK = 10
+
+
+def _rows(data, rows):
+    return {key: value[rows] for key, value in data.items()}
+
+
+def test_influence_of_many_test_tweets_at_once(problems):
+    from skmsif import MultiStageInfluenceEstimator
+
+    problem = problems[0]["fixed"]
+    est = MultiStageInfluenceEstimator(**problem.estimator_params, hessian="ekfac")
+    est.fit(problem.pretrain_model, problem.finetune_model, problem.Z, problem.X)
+    assert len(problem.x_test["labels"]) > 16
+    whole = est.influence(problem.x_test)
+    parts = np.concatenate([est.influence(_rows(problem.x_test, slice(s, s + CHUNK)))
+                            for s in range(0, len(problem.x_test["labels"]), CHUNK)])
+    np.testing.assert_allclose(whole, parts, rtol=1e-9, atol=1e-12 * np.abs(parts).max())
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_experiment_tables_are_rows_of_the_influence_matrix(experiments, case):
+    result = experiments[case]
+    problem = result.problem
+    z_labels = problem.Z["labels"].numpy()
+    inputs = {k: v for k, v in problem.x_test.items() if k != "labels"}
+    with torch.no_grad():
+        predicted = problem.finetune_model(**inputs).logits.argmax(dim=1).numpy()
+    assert 1 <= len(result.examples) <= EXPERIMENT["n_examples"]
+    rows = {}
+    for method in ("ekfac", "identity"):
+        full, _ = _full_influence(problem, method)
+        rows[method] = []
+        for example in result.examples:
+            t = example["test_index"]
+            # a misclassified test tweet, shown with its own text and labels
+            assert predicted[t] != int(problem.x_test["labels"][t])
+            assert example["text"] == problem.x_test_text[t]
+            assert example["label"] == problem.finetune_labels[int(problem.x_test["labels"][t])]
+            assert example["predicted"] == problem.finetune_labels[predicted[t]]
+            entry = example["methods"][method]
+            np.testing.assert_allclose(entry["influence_row"], full[t], rtol=1e-7,
+                                       atol=1e-9 * np.abs(full[t]).max())
+            k = EXPERIMENT["n_neighbours"]
+            expected = {"harmful": np.argsort(-full[t], kind="stable")[:k],
+                        "helpful": np.argsort(full[t], kind="stable")[:k]}
+            for kind, indices in expected.items():
+                shown = entry[kind]
+                assert [e["index"] for e in shown] == indices.tolist()
+                for e in shown:
+                    assert e["text"] == problem.Z_text[e["index"]]
+                    assert e["label"] == problem.pretrain_labels[z_labels[e["index"]]]
+                    np.testing.assert_allclose(e["influence"], full[t, e["index"]],
+                                               rtol=1e-7, atol=1e-9 * np.abs(full[t]).max())
+            assert entry["harmful"][0]["influence"] == pytest.approx(full[t].max(), rel=1e-7)
+            assert entry["helpful"][0]["influence"] == pytest.approx(full[t].min(), rel=1e-7)
+            rows[method].append(full[t])
+    # the identity column is the identity estimator's, not a copy of EK-FAC's
+    assert not np.allclose(rows["ekfac"][0], rows["identity"][0], rtol=1e-3)
+    table = text.example_table(result, 0)
+    first = result.examples[0]
+    assert str(first["test_index"]) in table.splitlines()[0]
+    for method in ("ekfac", "identity"):
+        for kind in ("harmful", "helpful"):
+            assert f"{first['methods'][method][kind][0]['influence']:+.3g}" in table
+    assert len([line for line in table.splitlines() if line.startswith("| harmful")]) == 3
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_experiment_faithfulness_is_computed_from_its_arrays(experiments, case):
+    from scipy.stats import pearsonr, spearmanr
+
+    from skmsif.validation import faithfulness
+
+    result = experiments[case]
+    problem = result.problem
+    m = len(problem.Z["labels"])
+    n = EXPERIMENT["n_top"] + EXPERIMENT["n_random"]
+    assert result.indices.shape == result.actual.shape == (n,)
+    assert len(set(result.indices.tolist())) == n
+    # the top removals are the first method's largest |score|
+    ekfac_scores = result.methods["ekfac"].scores
+    top = np.argsort(-np.abs(ekfac_scores), kind="stable")[:EXPERIMENT["n_top"]]
+    assert sorted(result.indices[result.groups["top"]].tolist()) == sorted(top.tolist())
+    for method in ("ekfac", "cg-gn", "identity"):
+        _, scores = _full_influence(problem, method)
+        np.testing.assert_allclose(result.methods[method].scores, scores, rtol=1e-6,
+                                   atol=1e-9 * np.abs(scores).max())
+        predicted = result.predicted[method]
+        np.testing.assert_array_equal(predicted,
+                                      -result.methods[method].scores[result.indices] / m)
+        metrics = result.metrics[method]
+        assert metrics == faithfulness(predicted, result.actual, groups=result.groups)
+        assert metrics["all"]["pearson"] == pytest.approx(
+            pearsonr(predicted, result.actual)[0], rel=1e-12)
+        assert metrics["all"]["spearman"] == pytest.approx(
+            spearmanr(predicted, result.actual)[0], rel=1e-12)
+        assert result.methods[method].fit_seconds > 0
+        assert result.methods[method].fit_cpu_seconds > 0
+    # the actual changes are leave-one-out retrains of these very tweets
+    again = text.retrain_without(problem, result.indices[:2].tolist())
+    np.testing.assert_allclose(result.actual[:2], again, rtol=1e-10, atol=1e-14)
+    assert result.retrain_seconds.shape == (n,) and (result.retrain_seconds > 0).all()
+    assert result.figure.is_file() and result.figure.stat().st_size > 0
+    table = text.faithfulness_table(result)
+    assert f"{result.metrics['identity']['all']['pearson']:+.3f}" in table
+
+
+def test_experiment_checks_arguments():
+    with pytest.raises(ValueError, match="methods"):
+        text.run_experiment("tiny", methods="ekfac", cache_dir=False)
+    with pytest.raises(ValueError, match="methods"):
+        text.run_experiment("tiny", methods=["ekfac", "newton"], cache_dir=False)
+    with pytest.raises(ValueError, match="n_neighbours"):
+        text.run_experiment("tiny", n_neighbours=0, cache_dir=False)
+    with pytest.raises(ValueError, match="n_top"):
+        text.run_experiment("tiny", n_top=-1, cache_dir=False)
+    with pytest.raises(ValueError, match="n_examples"):
+        text.run_experiment("tiny", n_examples=1.5, cache_dir=False)
+    with pytest.raises(ValueError, match="table_methods"):
+        text.run_experiment("tiny", methods=["ekfac"], table_methods=["identity"],
+                            cache_dir=False)
+    with pytest.raises(ValueError, match="cg_tol"):
+        text.run_experiment("tiny", cg_tol=0.0, cache_dir=False)
+    with pytest.raises(ValueError, match="case"):
+        text.run_experiment("tiny", case="frozen", cache_dir=False)
+    with pytest.raises(ValueError, match="size"):
+        text.run_experiment("huge", cache_dir=False)

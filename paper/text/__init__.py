@@ -93,11 +93,25 @@ Example
     est.fit(problem.pretrain_model, problem.finetune_model, problem.Z, problem.X)
     scores = est.score(problem.x_test)                  # (n_pretrain,)
     actual = retrain_without(problem, [0, 1, 2], n_jobs=2)   # true change of test loss
+
+Experiment
+----------
+:func:`run_experiment` is the paper's NLP experiment on this problem, one case at a
+time: EK-FAC, Gauss-Newton CG and the identity baseline fitted and timed; for
+misclassified test tweets, the most harmful and most helpful pretrain tweets by
+influence (:func:`example_table`, the analogue of the paper's Table 2); and predicted
+against retrained changes of the test loss for the tweets of largest ``|score|`` and a
+random control (:func:`faithfulness_table`, a figure). From the command line::
+
+    python -m paper.text experiment --size full --case fixed   # or --case updated
 """
 
 from ._data import corpus_available, load_tweets, normalise
+from ._experiment import METHODS, example_table, faithfulness_table, misclassified, run_experiment
 from ._problem import CASES, SIZES, config, default_cache_dir, load_data, make_problem, test_loss
 from ._retrain import retrain_without
 
 __all__ = ["make_problem", "retrain_without", "load_data", "load_tweets", "normalise",
-           "corpus_available", "config", "default_cache_dir", "test_loss", "SIZES", "CASES"]
+           "corpus_available", "config", "default_cache_dir", "test_loss", "SIZES", "CASES",
+           "run_experiment", "example_table", "faithfulness_table", "misclassified",
+           "METHODS"]

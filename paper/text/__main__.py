@@ -3,15 +3,25 @@
 Prints, as JSON: the data sizes, accuracies, gradient norms and wall times of both
 stages, and, with ``--retrain N``, the time of ``N`` leave-one-out retrains (plus the
 reference) and their loss changes.
+
+``python -m paper.text experiment [options]`` runs the paper's NLP experiment instead
+(influence tables, costs, faithfulness against retraining; see
+``paper.text._experiment`` and ``python -m paper.text experiment --help``).
 """
 
 import argparse
 import json
 import os
+import sys
 import time
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "experiment":
+        from ._experiment import main as experiment_main
+
+        return experiment_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m paper.text", description=__doc__)
     parser.add_argument("--size", default="full", choices=("full", "tiny"))
     parser.add_argument("--case", default="fixed", choices=("fixed", "updated"))
@@ -59,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
