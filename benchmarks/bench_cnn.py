@@ -15,7 +15,10 @@ start and again at the end of the same run (the machine is shared; the mean is u
 the drift printed).
 
   (a) EK-FAC ``score`` end to end (fit + score of the whole test set), the factors on all
-      of Z, and on ``--hessian-samples`` of it; target <= 5 epochs;
+      of Z, and on ``--hessian-samples`` of it; target <= 5 epochs. EK-FAC is the
+      pretrain stage's curvature; the finetune head's system is solved by Gauss-Newton
+      CG (``--finetune-hessian``, default ``cg``; ``ekfac`` for EK-FAC on both stages,
+      which on this head at ``finetune_damping=1e-3`` is far off the converged solve);
   (b) the (``--n-matrix``, m) ``influence`` matrix with EK-FAC: fit + factors + the
       scoring pass of ``--n-matrix`` rows over Z. The factors (one finetune solve and
       one product with the mixed block ``H_WTheta`` over the finetune set per test point)
@@ -40,6 +43,8 @@ Run::
 
     python benchmarks/bench_cnn.py --json /tmp/bench_cnn.json    # m = 24,000: hours
     python benchmarks/bench_cnn.py --size tiny                   # seconds; the smoke test
+    # after a change to the EK-FAC path, keep the slow references of the previous run:
+    python benchmarks/bench_cnn.py --reuse cg_float64,cg_float32,lowrank
 
 Threads are pinned (torch and BLAS, in every subprocess) to ``--threads`` (default 1).
 No GPU is used (``--device`` exists, but the CUDA path was not measured).

@@ -357,8 +357,14 @@ class _RemovalProblem:
                             + self.pre_shift * objective.point - self.residual_pre)
             norms.append(float(gradient.norm()))
             direction = self._pretrain_direction(objective, group, gradient, step == 0)
-            objective = objective.with_point(objective.point - direction)
-        return objective.point, _growing(norms)
+            # The passes keep the estimator's dtype (float32 for float32 models).
+            objective = objective.with_point(
+                objective.point - direction.to(objective.point.dtype))
+        # Below the rounding of the passes' dtype a gradient cannot shrink further.
+        terms = float(self.mean_gradient_bar.norm()) + float(
+            (self.pre_shift * self.pretrain.point).norm())
+        floor = 1e3 * torch.finfo(self.pretrain.point.dtype).eps * max(terms, 1.0)
+        return objective.point, _growing(norms, floor)
 
     # ------------------------------------------------------------------- finetune
 
@@ -368,7 +374,7 @@ class _RemovalProblem:
         flat = self.finetune.point.clone()
         if self.embedding == "updated":
             return self.finetune, self.X
-        flat[self.shared_fin_index] = w_new
+        flat[self.shared_fin_index] = w_new.to(flat.dtype)
         state = self.finetune.with_point(flat).state
         if self.features_cached:
             from ._estimator import _cached_head
@@ -464,7 +470,8 @@ class _RemovalProblem:
             step, accepted = 1.0, None
             slack = 16 * eps * (1 + abs(value))
             while step >= 2.0**-30:
-                trial = objective.with_point(objective.point - step * direction)
+                trial = objective.with_point(
+                    objective.point - (step * direction).to(objective.point.dtype))
                 trial_value = self._finetune_value(trial, data, w_new)
                 if trial_value <= value - 1e-4 * step * slope + slack:
                     accepted = trial
@@ -478,8 +485,8 @@ class _RemovalProblem:
         if self.embedding == "updated":
             return objective.point, converged
         flat = self.finetune.point.clone()
-        flat[self.shared_fin_index] = w_new
-        flat[self.theta_index] = objective.point
+        flat[self.shared_fin_index] = w_new.to(flat.dtype)
+        flat[self.theta_index] = objective.point.to(flat.dtype)
         return flat, converged
 
     # ------------------------------------------------------------------- one entry
@@ -501,10 +508,11 @@ class _RemovalProblem:
         return loss - self.base_test_loss, growing, resolved
 
 
-def _growing(norms):
+def _growing(norms, floor=0.0):
     """Whether the Newton steps left the gradient larger than they found it: the start
-    lies outside the region where they converge (known from ``newton_steps >= 2``)."""
-    return len(norms) >= 2 and norms[-1] > norms[0]
+    lies outside the region where they converge (known from ``newton_steps >= 2``).
+    A last norm below ``floor`` (the passes' rounding) is converged, whatever the first."""
+    return len(norms) >= 2 and norms[-1] > max(norms[0], floor)
 
 
 def _run_entries(problem, groups, single_thread):

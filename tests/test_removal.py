@@ -500,3 +500,28 @@ def test_user_models_untouched(case, hessian):
     est.removal_effect(x_test, [[0, 1], [2]], newton_steps=2)
     assert_unchanged(pretrain_model, before[0])
     assert_unchanged(finetune_model, before[1])
+
+
+@pytest.mark.parametrize("case", ["fixed", "updated"])
+def test_float32_passes_refine_like_float64(case):
+    """A float32 model gets float32 passes by default (dtype="auto"): the Newton steps
+    keep that dtype through the pretrain and finetune re-solves, and give the float64
+    passes' effects to float32 accuracy."""
+    pretrain_model, finetune_model, Z, X, x_test = tiny_problem(case)
+    pretrain_model, finetune_model = pretrain_model.float(), finetune_model.float()
+    shared = None if case == "fixed" else "0"
+    # Dampings large enough that two Newton steps converge on this untrained problem.
+    settings = dict(embedding=case, alpha=0.2, shared=shared, hessian="exact",
+                    pretrain_damping=1.0, finetune_damping=1.0)
+    low = MultiStageInfluenceEstimator(**settings).fit(pretrain_model, finetune_model, Z, X)
+    assert low.dtype_ == "float32"
+    high = MultiStageInfluenceEstimator(**settings, dtype="float64").fit(
+        pretrain_model, finetune_model, Z, X)
+    groups = [[0, 1], [2, 3, 4], list(range(5, 15))]
+    got = low.removal_effect(x_test, groups, newton_steps=2)
+    expected = high.removal_effect(x_test, groups, newton_steps=2)
+    assert np.abs(expected).max() > 1e-3
+    # A float32 effect is a difference of float32 losses of float32 weights: its
+    # absolute error is about 1e-4 of the summed test loss (about 4 here), whatever
+    # the effect's size.
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-4)
