@@ -415,30 +415,34 @@ class CurvatureOperator:
         """
         k = len(vectors)
         out_dtype = torch.promote_types(vectors.dtype, self.objective.point.dtype)
-        # Named losses only: a callable's output Hessian may be indefinite, which the
-        # factor (clipped to positive semi-definite) would not reproduce.
-        named = isinstance(self.objective.adapter.loss_spec, str)
-        if self.curvature == "gauss_newton" and named and k > FACTOR_PASS_MIN_VECTORS:
+        if (self.curvature == "gauss_newton" and k > FACTOR_PASS_MIN_VECTORS
+                and self._has_loss_factor()):
             from ._kfac import loss_factor_for
 
             loss_factor = loss_factor_for(self.objective.adapter.loss_spec)
             tangents = vectors.to(self.objective.point.dtype)
             out = torch.zeros(k, len(rows), dtype=out_dtype, device=vectors.device)
-            try:
-                for inputs, targets in self.batches():
-                    pseudo = self.objective.pseudo_gradients(inputs, targets, loss_factor)
-                    out += ((tangents @ pseudo[:, cols].T) @ pseudo[:, rows]).to(out_dtype)
-            except ValueError as exc:
-                # No factor for these outputs (cross-entropy on sequence logits, say):
-                # the same product, one vector at a time.
-                if "has no Gauss-Newton factor" not in str(exc) and "needs logits" not in str(
-                        exc):
-                    raise
-            else:
-                return out / self.n_examples
+            for inputs, targets in self.batches():
+                pseudo = self.objective.pseudo_gradients(inputs, targets, loss_factor)
+                out += ((tangents @ pseudo[:, cols].T) @ pseudo[:, rows]).to(out_dtype)
+            return out / self.n_examples
         padded = torch.zeros(k, self.n_params, dtype=vectors.dtype, device=vectors.device)
         padded[:, cols] = vectors
         return self.matvec(padded)[:, rows].to(out_dtype)
+
+    def _has_loss_factor(self):
+        """Whether the loss has the closed-form factor the pseudo-gradients need: the
+        named losses (a callable's output Hessian may be indefinite, which a factor,
+        clipped to positive semi-definite, would not reproduce), and for cross-entropy
+        logits of shape ``(n, classes)`` (not per-token sequence logits)."""
+        loss = self.objective.adapter.loss_spec
+        if loss == "mse":
+            return True
+        if loss != "cross_entropy":
+            return False
+        inputs, _ = next(iter(self.batches()))
+        with torch.no_grad():
+            return self.objective.outputs(self.objective.point, inputs).ndim == 2
 
     def dense(self):
         """The dense ``(p, p)`` curvature matrix."""

@@ -248,3 +248,36 @@ def test_block_products_of_a_model_that_vmap_refuses_loop_over_examples():
     padded[:, cols] = vectors
     expected = operator.matvec(padded)[:, rows]
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_block_products_of_a_callable_loss_use_one_product_per_vector(monkeypatch):
+    """A callable loss's output Hessian may be indefinite, which a (clipped) factor
+    would not reproduce: its block products take the exact per-vector route."""
+    from skmsif._curvature import CurvatureOperator, Objective
+    from skmsif._data import TensorSource
+    from skmsif._model import ModelAdapter
+
+    def never(*args):
+        raise AssertionError("pseudo-gradients used for a callable loss")
+
+    monkeypatch.setattr(Objective, "pseudo_gradients", never)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+
+    def loss(outputs, targets):  # non-convex in the outputs
+        return torch.sin(outputs).sum(dim=1) + torch.nn.functional.cross_entropy(
+            outputs, targets, reduction="none")
+
+    objective = Objective(ModelAdapter(model, loss, "model", "loss"),
+                          [name for name, _ in model.named_parameters()])
+    inputs, targets = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    operator = CurvatureOperator(objective, TensorSource(inputs, targets, "X", torch.float64),
+                                 "gauss_newton", 4, torch.device("cpu"))
+    p = objective.n_params
+    rows, cols = torch.arange(0, 25), torch.arange(25, p)
+    vectors = torch.randn(20, p - 25, dtype=torch.float64)
+    padded = torch.zeros(20, p, dtype=torch.float64)
+    padded[:, cols] = vectors
+    torch.testing.assert_close(operator.block_product(vectors, rows, cols),
+                               operator.matvec(padded)[:, rows], rtol=0, atol=0)
