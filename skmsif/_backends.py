@@ -27,6 +27,7 @@ class SolveSettings:
     random_state: object = None
     exact_max_memory: int = 2**31
     verbose: int = 0
+    preconditioner: str = None
 
 
 class Backend:
@@ -128,16 +129,31 @@ class ExactBackend(Backend, name="exact"):
 
 
 class IterativeBackend(Backend, name="cg"):
-    """Krylov iterations on curvature-vector products; no dense matrix."""
+    """Krylov iterations on curvature-vector products; no dense matrix.
+
+    With ``settings.preconditioner`` (``"kfac"`` or ``"ekfac"``, CG only), the
+    Kronecker factors of the stage's Gauss-Newton matrix are fitted once, on the same
+    data as the products, and the damped approximation's inverse preconditions every CG
+    iteration (``preconditioner_``).
+    """
 
     def __init__(self, operator, shift, settings, damping_name):
         super().__init__(operator, shift, settings, damping_name)
         # Products in float32 cannot bring a residual below about 1e-5: the floor follows
         # the dtype of the passes, not that of the float64 solve.
         floor = 100 * torch.finfo(operator.objective.point.dtype).eps
+        precondition = None
+        if settings.preconditioner is not None:
+            factors = fit_kronecker(operator, settings.preconditioner == "ekfac",
+                                    settings.verbose)
+            self.preconditioner_ = factors
+
+            def precondition(residuals):
+                return factors.solve(residuals, shift)
+
         self.solver = IterativeSolver(operator.matvec, shift, settings.iterative_solver,
                                       max(settings.tol, floor), settings.max_iter,
-                                      operator.name, settings.verbose)
+                                      operator.name, settings.verbose, precondition)
 
 
 class LowRankBackend(Backend, name="lowrank"):
@@ -219,15 +235,7 @@ class KroneckerBackend(Backend, name="kfac"):
 
     def __init__(self, operator, shift, settings, damping_name):
         super().__init__(operator, shift, settings, damping_name)
-        from ._kfac import KroneckerCurvature, loss_factor_for
-
-        objective = operator.objective
-        adapter = objective.adapter
-        self.solver = KroneckerCurvature.fit(
-            objective.module, objective.state, objective.free, operator.batches,
-            adapter.outputs, loss_factor_for(adapter.loss_spec),
-            eigen_correction=self.eigen_correction, n_examples=operator.n_examples,
-            verbose=settings.verbose)
+        self.solver = fit_kronecker(operator, self.eigen_correction, settings.verbose)
 
     def solve(self, rhs):
         return self.solver.solve(rhs, self.shift)
@@ -237,3 +245,16 @@ class EigenCorrectedKroneckerBackend(KroneckerBackend, name="ekfac"):
     """EK-FAC: K-FAC's eigenbasis with eigenvalues fitted to the Gauss-Newton matrix."""
 
     eigen_correction = True
+
+
+def fit_kronecker(operator, eigen_correction, verbose):
+    """K-FAC (or EK-FAC) factors of ``operator``'s Gauss-Newton matrix on its data."""
+    from ._kfac import KroneckerCurvature, loss_factor_for
+
+    objective = operator.objective
+    adapter = objective.adapter
+    return KroneckerCurvature.fit(
+        objective.module, objective.state, objective.free, operator.batches,
+        adapter.outputs, loss_factor_for(adapter.loss_spec),
+        eigen_correction=eigen_correction, n_examples=operator.n_examples,
+        verbose=verbose)

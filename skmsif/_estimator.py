@@ -117,6 +117,15 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         The Krylov method of ``hessian="cg"``: MINRES (symmetric, indefinite allowed),
         plain CG (positive definite damped Hessians only), or CG on the normal equations
         ``A^2 x = A b`` (the paper's Sec. 3.3; indefinite allowed, slower to converge).
+    preconditioner : {None, "kfac", "ekfac"}, default=None
+        Preconditions the CG solves of the stages whose backend is ``"cg"`` (with
+        ``iterative_solver="cg"``) by the inverse of the damped K-FAC or EK-FAC
+        approximation of the stage's Gauss-Newton matrix, its factors fitted once in
+        ``fit`` on the same data as the curvature products. The solve still converges to
+        ``tol`` on the stage's own curvature; the preconditioner only cuts the number of
+        products needed (on the paper's CNN, EK-FAC alone agreed with the converged
+        Gauss-Newton solve at Spearman 0.32, and 20 preconditioned iterations at 0.96:
+        see the curvature guide). ``None``: plain iterations.
     dtype : {"auto", "float64", "float32"}, default="auto"
         Precision of the passes over data: the models are evaluated on private copies in
         this dtype, and per-example gradients, forward-mode scoring, curvature products
@@ -239,6 +248,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="neither")],
         "iterative_solver": [StrOptions({"minres", "cg", "cg_normal"})],
+        "preconditioner": [None, StrOptions({"kfac", "ekfac"})],
         "dtype": [StrOptions({"auto", "float64", "float32"})],
         "device": [str, torch.device],
         "exact_max_memory": [Interval(Integral, 1, None, closed="left")],
@@ -267,6 +277,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         max_iter=1000,
         tol=1e-10,
         iterative_solver="minres",
+        preconditioner=None,
         dtype="auto",
         device="cpu",
         exact_max_memory=2**31,
@@ -291,6 +302,7 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.iterative_solver = iterative_solver
+        self.preconditioner = preconditioner
         self.dtype = dtype
         self.device = device
         self.exact_max_memory = exact_max_memory
@@ -689,6 +701,7 @@ class _FittedState:
             backends[stage] = requested
         curvatures = {stage: _resolve_curvature(s["curvature"], backend_class(name))
                       for stage, name in backends.items()}
+        _check_preconditioner(s, backends)
         for stage, name in backends.items():
             n_params = self.pretrain.n_params if stage == "pretrain" else finetune_space.n_params
             backend_class(name).check_size(n_params, _solve_settings(s))
@@ -1173,7 +1186,27 @@ def _solve_settings(s):
     return SolveSettings(tol=s["tol"], max_iter=s["max_iter"],
                          iterative_solver=s["iterative_solver"], rank=s["rank"],
                          random_state=s["random_state"],
-                         exact_max_memory=s["exact_max_memory"], verbose=s["verbose"])
+                         exact_max_memory=s["exact_max_memory"], verbose=s["verbose"],
+                         preconditioner=s["preconditioner"])
+
+
+def _check_preconditioner(s, backends):
+    """A preconditioner needs a stage solved by CG (before any expensive work)."""
+    if s["preconditioner"] is None:
+        return
+    if s["iterative_solver"] != "cg":
+        raise ValueError(
+            f"preconditioner={s['preconditioner']!r} preconditions conjugate gradients; "
+            f"got iterative_solver={s['iterative_solver']!r}. Pass iterative_solver='cg' "
+            "(with curvature='gauss_newton' the damped curvature is positive definite), "
+            "or preconditioner=None."
+        )
+    if "cg" not in backends.values():
+        raise ValueError(
+            f"preconditioner={s['preconditioner']!r} applies to the stages solved with "
+            f"hessian='cg'; here they are {backends}. Pass hessian='cg' (or "
+            "finetune_hessian='cg'), or preconditioner=None."
+        )
 
 
 def _resolve_curvature(curvature, backend):

@@ -147,7 +147,15 @@ class _EigenSolver:
 
 
 class ExactSolver(_EigenSolver):
-    """Eigendecomposition of the dense damped Hessian in float64, reused for every solve.
+    """The dense damped Hessian in float64, factored once and reused for every solve.
+
+    A positive definite damped matrix (always for the Gauss-Newton matrix with a positive
+    damping; for the Hessian when the damping outweighs its negative curvature) is
+    factored by Cholesky, about 30 times cheaper than an eigendecomposition for
+    ``p`` in the thousands (measured: 2.2 s against 63 s for ``p = 6150``, one
+    thread). An indefinite or nearly singular one is eigendecomposed, which also gives
+    the singularity check. The eigenpairs are computed on first use of
+    ``eigenvalues_`` / ``eigenvectors_`` when the Cholesky factor was enough.
 
     Parameters
     ----------
@@ -165,24 +173,61 @@ class ExactSolver(_EigenSolver):
     eigenvalues_ : torch.Tensor of shape (p,)
     eigenvectors_ : torch.Tensor of shape (p, p)
         One eigenvector per row.
+    cholesky_ : torch.Tensor of shape (p, p) or None
+        The lower Cholesky factor of the damped matrix, when it is positive definite.
     """
 
     def __init__(self, hessian, shift, name, damping_name):
         self.name = name
+        self.damping_name = damping_name
         require_finite(hessian, name, f"the dense {name} Hessian",
                        "An example's loss or its derivatives overflow at the fitted "
                        "weights (model outputs too large for the dtype?).")
         matrix = hessian.to(torch.float64) + torch.diag(shift.to(torch.float64))
+        self.cholesky_ = None
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            # Positive definite; far from singular when the smallest pivot is (the
+            # smallest eigenvalue is at most the smallest squared pivot).
+            pivots = torch.diagonal(factor).square()
+            scale = float(torch.diagonal(matrix).max())
+            if float(pivots.min()) > scale * len(pivots) * torch.finfo(torch.float64).eps:
+                self.cholesky_ = factor
+                return
+        self._eigendecompose(matrix)
+
+    def _eigendecompose(self, matrix):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-        self.eigenvalues_, self.eigenvectors_ = eigenvalues, eigenvectors.T
         magnitudes = eigenvalues.abs()
         p = len(magnitudes)
         if magnitudes.min() <= magnitudes.max() * p * torch.finfo(torch.float64).eps:
             raise ValueError(
-                f"The damped {name} Hessian is singular (smallest |eigenvalue| "
+                f"The damped {self.name} Hessian is singular (smallest |eigenvalue| "
                 f"{float(magnitudes.min()):.3g}, largest {float(magnitudes.max()):.3g}); "
-                f"increase {damping_name}."
+                f"increase {self.damping_name}."
             )
+        self.__dict__["eigenvalues_"] = eigenvalues
+        self.__dict__["eigenvectors_"] = eigenvectors.T
+
+    def __getattr__(self, attribute):
+        # Only reached when the attribute is missing: the eigenpairs of a matrix that
+        # Cholesky factored, computed on first use.
+        if attribute in ("eigenvalues_", "eigenvectors_"):
+            factor = self.__dict__.get("cholesky_")
+            if factor is not None:
+                self._eigendecompose(factor @ factor.T)
+                return self.__dict__[attribute]
+        raise AttributeError(attribute)
+
+    def solve(self, rhs):
+        if self.cholesky_ is None:
+            return super().solve(rhs)
+        require_finite(rhs, self.name, f"a right-hand side of the {self.name} solve")
+        solution = torch.cholesky_solve(rhs.to(torch.float64).T, self.cholesky_).T
+        return require_finite(
+            solution.to(rhs.dtype), self.name, f"the solution of the damped {self.name} "
+            f"Hessian system overflows {rhs.dtype}", "Raise the damping, or use "
+            "dtype='float64'.")
 
 
 class LowRankSolver(_EigenSolver):
@@ -290,6 +335,10 @@ class IterativeSolver:
         Which Hessian, for messages.
     verbose : int
         Show a progress bar over iterations.
+    precondition : callable or None, default=None
+        ``M^-1``, for ``method="cg"`` only: ``precondition(r)`` applies a symmetric
+        positive definite approximation of ``A^-1`` to each row of ``r`` (preconditioned
+        CG). The residual ``||A x - b||`` that decides convergence is the true one.
 
     Attributes
     ----------
@@ -298,7 +347,11 @@ class IterativeSolver:
         and ``converged``.
     """
 
-    def __init__(self, hvp, shift, method, tol, max_iter, name, verbose=0):
+    def __init__(self, hvp, shift, method, tol, max_iter, name, verbose=0,
+                 precondition=None):
+        if precondition is not None and method != "cg":
+            raise ValueError(f"a preconditioner needs method='cg'; got method={method!r}.")
+        self.precondition = precondition
         self.hvp = hvp
         self.shift = shift
         self.method = method
@@ -330,8 +383,9 @@ class IterativeSolver:
                 break
             rows = todo.nonzero().flatten()
             run = _METHODS[self.method]
+            extra = {} if self.precondition is None else {"precondition": self.precondition}
             x_new, steps = run(self._apply, rhs[rows], x[rows], inner_tol[rows],
-                               self.max_iter - n_iter[rows], self.verbose, self.name)
+                               self.max_iter - n_iter[rows], self.verbose, self.name, **extra)
             n_iter[rows] += steps
             new_residual = ((self._apply(x_new) - rhs[rows]).norm(dim=1)
                             / rhs_norm[rows]).to(torch.float64)
@@ -419,12 +473,15 @@ def _minres(apply, b, x0, tol, budget, verbose, name):
     return x, steps
 
 
-def _cg_on(apply, b, x0, tol, budget, verbose, name, target_norm, label):
+def _cg_on(apply, b, x0, tol, budget, verbose, name, target_norm, label, precondition=None):
+    """Batched (preconditioned) CG; ``precondition`` applies ``M^-1`` to rows."""
     x = x0.clone()
     r = b - apply(x)
-    direction = r.clone()
-    rs = _dot(r, r)
-    active = rs.sqrt() > tol.to(rs) * target_norm
+    residual = r.norm(dim=1)
+    active = residual > tol.to(residual) * target_norm
+    z = r if precondition is None else _preconditioned(precondition, r, active)
+    direction = z.clone()
+    rs = _dot(r, z)
     steps = torch.zeros(len(b), dtype=torch.long)
     max_iter = int(budget.max())
     for _ in progress(range(max_iter), verbose, max_iter, f"{name} {label}"):
@@ -438,16 +495,27 @@ def _cg_on(apply, b, x0, tol, budget, verbose, name, target_norm, label):
         alpha = torch.where(active, rs / _safe(curvature), torch.zeros_like(rs))
         x = x + alpha[:, None] * direction
         r = r - alpha[:, None] * image
-        rs_new = _dot(r, r)
-        direction = r + (rs_new / _safe(rs))[:, None] * direction
-        rs = rs_new
         steps += active.long()
-        active = active & (rs.sqrt() > tol.to(rs) * target_norm) & (steps < budget)
+        active = active & (r.norm(dim=1) > tol.to(rs) * target_norm) & (steps < budget)
+        z = r if precondition is None else _preconditioned(precondition, r, active)
+        rs_new = _dot(r, z)
+        direction = z + (rs_new / _safe(rs))[:, None] * direction
+        rs = rs_new
     return x, steps
 
 
-def _cg(apply, b, x0, tol, budget, verbose, name):
-    return _cg_on(apply, b, x0, tol, budget, verbose, name, b.norm(dim=1), "cg")
+def _preconditioned(precondition, r, active):
+    """``M^-1 r`` on the active rows (zeros elsewhere)."""
+    z = torch.zeros_like(r)
+    if bool(active.any()):
+        z[active] = precondition(r[active]).to(r.dtype)
+    return z
+
+
+def _cg(apply, b, x0, tol, budget, verbose, name, precondition=None):
+    label = "cg" if precondition is None else "preconditioned cg"
+    return _cg_on(apply, b, x0, tol, budget, verbose, name, b.norm(dim=1), label,
+                  precondition)
 
 
 def _cg_normal(apply, b, x0, tol, budget, verbose, name):

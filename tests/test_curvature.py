@@ -101,3 +101,53 @@ def test_directional_derivatives_equal_per_example_gradients(objective_and_data,
     for batch_size in (3, 50):
         got = objective.directional(vectors, data, batch_size, CPU)
         assert torch.allclose(got, expected, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wrapped", [True, False])
+@pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
+def test_dense_curvature_of_one_linear_layer_in_closed_form(loss, bias, wrapped, curvature):
+    """A lone ``nn.Linear`` (a Case 1 head on cached features) gets its dense curvature
+    from the closed form; it equals autograd's Hessian of the mean loss, and the products
+    with unit vectors (the general route)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(5, 3, bias=bias).double()
+    module = torch.nn.Sequential(layer) if wrapped else layer
+    inputs = torch.randn(23, 5, generator=gen, dtype=torch.float64)
+    targets = (torch.randint(0, 3, (23,), generator=gen) if loss == "cross_entropy"
+               else torch.randn(23, 3, generator=gen, dtype=torch.float64))
+    names = [name for name, _ in module.named_parameters()][::-1]  # bias first, if any
+    objective = Objective(ModelAdapter(module, loss, "model", "loss"), names)
+    assert objective._linear_layer() is not None
+    data = as_data((inputs, targets), "X", torch.float64)
+    closed = objective.dense_hessian(data, batch_size=7, device=CPU, curvature=curvature)
+
+    def mean_loss(flat):
+        start, params = 0, {}
+        for name in names:
+            shape = dict(module.named_parameters())[name].shape
+            params[name] = flat[start:start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        outputs = torch.func.functional_call(module, params, (inputs,))
+        if loss == "cross_entropy":
+            return torch.nn.functional.cross_entropy(outputs, targets)
+        return ((outputs - targets) ** 2).mean(dim=1).mean()
+
+    point = flatten([dict(module.named_parameters())[name].detach() for name in names])
+    expected = autograd_hessian(mean_loss, point)
+    assert torch.allclose(closed, expected, atol=1e-12, rtol=1e-10)
+    objective._dense_linear = lambda *args, **kwargs: None  # the general route
+    general = objective.dense_hessian(data, batch_size=7, device=CPU, curvature=curvature)
+    assert torch.allclose(closed, general, atol=1e-12, rtol=1e-10)
+
+
+def test_closed_form_only_for_a_lone_linear_layer_with_a_named_loss(objective_and_data):
+    objective, _, _ = objective_and_data
+    assert objective._linear_layer() is None  # embedding + head
+    layer = torch.nn.Linear(4, 2).double()
+    partly = Objective(ModelAdapter(layer, "cross_entropy", "model", "loss"), ["weight"])
+    assert partly._linear_layer() is None  # the bias is not free
+    custom = Objective(ModelAdapter(layer, lambda out, y: (out - y).abs().sum(1), "model",
+                                    "loss"), ["weight", "bias"])
+    assert custom._linear_layer() is None

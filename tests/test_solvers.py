@@ -35,8 +35,15 @@ def _relative(a, b):
 def test_exact_solver(indefinite):
     matrix, shift, rhs, expected = _problem(indefinite)
     solver = ExactSolver(matrix, shift, "test", "damping")
-    assert (solver.eigenvalues_.min() < 0) == indefinite
+    # Positive definite: Cholesky, and the eigenpairs only when asked for.
+    assert (solver.cholesky_ is None) == indefinite
+    assert ("eigenvalues_" in vars(solver)) == indefinite
     assert _relative(solver.solve(rhs), expected) < 1e-12
+    assert (solver.eigenvalues_.min() < 0) == indefinite
+    assert torch.allclose(solver.eigenvalues_,
+                          torch.linalg.eigvalsh(matrix + torch.diag(shift)), atol=1e-12)
+    rebuilt = (solver.eigenvectors_.T * solver.eigenvalues_) @ solver.eigenvectors_
+    assert torch.allclose(rebuilt, matrix + torch.diag(shift), atol=1e-12)
 
 
 @pytest.mark.parametrize("method,indefinite", [
@@ -69,6 +76,15 @@ def test_zero_right_hand_side_is_solved_without_iterating():
     solver = IterativeSolver(lambda v: v @ matrix, shift, "minres", 1e-10, 50, "test")
     assert torch.equal(solver.solve(torch.zeros(1, 12, dtype=torch.float64)),
                        torch.zeros(1, 12, dtype=torch.float64))
+
+
+def test_exact_solver_refuses_a_nearly_singular_positive_definite_matrix():
+    eigenvalues = np.linspace(1, 2, 6)
+    eigenvalues[0] = 1e-17
+    matrix = _symmetric(6, eigenvalues, 0)
+    with pytest.raises(ValueError, match="singular.*increase pretrain_damping"):
+        ExactSolver(matrix, torch.zeros(6, dtype=torch.float64), "pretrain",
+                    "pretrain_damping")
 
 
 def test_exact_solver_refuses_a_singular_matrix():
@@ -131,3 +147,47 @@ def test_truncated_cg_is_the_estimators_cg_on_one_system():
                            torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64), 10, 1e-12)
     assert partial is not None and bool(torch.isfinite(partial).all())
     assert float(partial @ torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)) > 0
+
+
+def test_preconditioned_cg_solves_the_system_and_needs_fewer_products():
+    """PCG with an approximate inverse converges to the dense solve, in fewer products
+    than plain CG on an ill-conditioned matrix; a useless preconditioner (the identity)
+    reproduces plain CG."""
+    p = 40
+    rng = np.random.default_rng(3)
+    eigenvalues = np.logspace(-3, 2, p)
+    matrix = _symmetric(p, eigenvalues, 3)
+    shift = torch.full((p,), 1e-3, dtype=torch.float64)
+    rhs = torch.as_tensor(rng.standard_normal((2, p)))
+    expected = torch.linalg.solve(matrix + torch.diag(shift), rhs.T).T
+    # An approximate inverse: the true eigenvectors with eigenvalues off by up to 2x.
+    noise = torch.as_tensor(rng.uniform(0.5, 2.0, p))
+    q = torch.linalg.eigh(matrix + torch.diag(shift))[1]
+    approximate = q @ torch.diag(1 / ((torch.as_tensor(eigenvalues) + 1e-3) * noise)) @ q.T
+    products = {"plain": 0, "preconditioned": 0}
+
+    def counted(label):
+        def hvp(vectors):
+            products[label] += len(vectors)
+            return vectors @ matrix
+        return hvp
+
+    plain = IterativeSolver(counted("plain"), shift, "cg", 1e-10, 2000, "test")
+    preconditioned = IterativeSolver(counted("preconditioned"), shift, "cg", 1e-10, 2000,
+                                     "test", precondition=lambda r: r @ approximate)
+    assert _relative(plain.solve(rhs), expected) < 1e-7
+    assert _relative(preconditioned.solve(rhs), expected) < 1e-7
+    assert all(entry["converged"] for entry in preconditioned.history_)
+    print(products)
+    assert products["preconditioned"] * 3 < products["plain"], products
+    identity = IterativeSolver(lambda v: v @ matrix, shift, "cg", 1e-10, 2000, "test",
+                               precondition=lambda r: r.clone())
+    assert _relative(identity.solve(rhs), plain.solve(rhs)) < 1e-9
+    assert [e["n_iter"] for e in identity.history_] == [e["n_iter"] for e in
+                                                        plain.history_[-2:]]
+
+
+def test_a_preconditioner_needs_cg():
+    with pytest.raises(ValueError, match="method='cg'"):
+        IterativeSolver(lambda v: v, torch.ones(3), "minres", 1e-8, 10, "test",
+                        precondition=lambda r: r)
