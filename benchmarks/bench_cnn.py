@@ -16,9 +16,14 @@ the drift printed).
 
   (a) EK-FAC ``score`` end to end (fit + score of the whole test set), the factors on all
       of Z, and on ``--hessian-samples`` of it; target <= 5 epochs. EK-FAC is the
-      pretrain stage's curvature; the finetune head's system is solved by Gauss-Newton
-      CG (``--finetune-hessian``, default ``cg``; ``ekfac`` for EK-FAC on both stages,
-      which on this head at ``finetune_damping=1e-3`` is far off the converged solve);
+      pretrain stage's curvature; the finetune head's system is solved exactly
+      (``--finetune-hessian``, default ``exact``: the linear head's dense curvature in
+      closed form, then Cholesky; ``cg`` for Gauss-Newton CG; ``ekfac`` for EK-FAC on
+      both stages, which on this head at ``finetune_damping=1e-3`` is far off the
+      converged solve). Beside it, the pretrain stage by Gauss-Newton CG stopped at
+      relative residual ``--budget-tol`` (head exact, curvature on
+      ``--hessian-samples``), plain (``cg_budget``) and preconditioned by EK-FAC
+      (``pcg``, ``preconditioner="ekfac"``): the fast accurate alternative;
   (b) the (``--n-matrix``, m) ``influence`` matrix with EK-FAC: fit + factors + the
       scoring pass of ``--n-matrix`` rows over Z. The factors (one finetune solve and
       one product with the mixed block ``H_WTheta`` over the finetune set per test point)
@@ -31,7 +36,9 @@ the drift printed).
   (d) kronfluence's EK-FAC on the same pretrain model and data (single stage: the
       pretrain loss of the test images at the model's predicted labels, against every
       pretrain example; factors on all of Z, sampled labels, its default float32): our
-      (a) and (b) over its aggregated-query and per-query scores; target <= 1.0x;
+      (a) and (b) over its aggregated-query and per-query scores; target <= 1.0x. And
+      its factors on the same ``--hessian-samples`` images as ours
+      (``kronfluence_sampled``, summed scores only), against our runs on that sample;
   (e) peak resident memory of every subprocess;
   (f) precision: float32 against float64 passes for EK-FAC (factors on
       ``--hessian-samples``) and for Gauss-Newton CG: time, relative difference and
@@ -93,9 +100,13 @@ def _parse(argv=None):
     parser.add_argument("--skip-precision", action="store_true")
     parser.add_argument("--skip-lowrank", action="store_true")
     parser.add_argument("--skip-matrix", action="store_true")
-    parser.add_argument("--finetune-hessian", default="cg", choices=["cg", "exact", "ekfac"],
+    parser.add_argument("--finetune-hessian", default="exact", choices=["cg", "exact", "ekfac"],
                         help="the finetune (head) stage's backend in the EK-FAC runs: "
-                             "Gauss-Newton CG (default), dense, or EK-FAC too")
+                             "dense (default; the head's closed form and Cholesky), "
+                             "Gauss-Newton CG, or EK-FAC too")
+    parser.add_argument("--budget-tol", type=float, default=0.1,
+                        help="relative residual of the budgeted Gauss-Newton CG runs "
+                             "(cg_budget, and pcg with the EK-FAC preconditioner)")
     parser.add_argument("--sampled-only", action="store_true",
                         help="one EK-FAC run, its factors on --hessian-samples of Z (it "
                              "also computes the matrix of (b)); skips the factors on all "
@@ -317,6 +328,24 @@ def worker_cg(data, dtype):
             "solves": histories(est)}, scores
 
 
+def worker_cg_budget(data, preconditioner):
+    """Gauss-Newton CG to ``--budget-tol`` on the pretrain stage, the head exact."""
+    import warnings
+
+    pretrain_model, finetune_model = load_models()
+    est = estimator(hessian="cg", finetune_hessian="exact", curvature="gauss_newton",
+                    iterative_solver="cg", dtype=ARGS.dtype, tol=ARGS.budget_tol,
+                    hessian_samples=ARGS.hessian_samples, preconditioner=preconditioner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
+        fit_seconds = time.perf_counter() - start
+        scores = est.score(data["x_test"])
+    return {"seconds": time.perf_counter() - start, "fit_seconds": fit_seconds,
+            "tol": ARGS.budget_tol, "solves": histories(est)}, scores
+
+
 def worker_lowrank(data, dtype):
     import warnings
 
@@ -332,8 +361,12 @@ def worker_lowrank(data, dtype):
     return {"seconds": time.perf_counter() - start, "solves": histories(est)}, scores
 
 
-def worker_kronfluence(data):
-    """kronfluence 1.0.1's EK-FAC, single stage, on the pretrain model (its defaults)."""
+def worker_kronfluence(data, sampled=False):
+    """kronfluence 1.0.1's EK-FAC, single stage, on the pretrain model (its defaults).
+
+    ``sampled``: its factors on the same ``--hessian-samples`` images as ours (the
+    estimator's draw), the scores still against all of Z; summed scores only.
+    """
     import tempfile
     import warnings
 
@@ -365,6 +398,15 @@ def worker_kronfluence(data):
                                for s in range(0, len(inputs), 1024)])
     queries = TensorDataset(inputs, predicted)
     matrix_queries = TensorDataset(inputs[:ARGS.n_matrix], predicted[:ARGS.n_matrix])
+    factor_data = Z
+    if sampled:
+        from sklearn.utils import check_random_state
+        from torch.utils.data import Subset
+
+        # The estimator's own draw of hessian_indices_ (random_state=ARGS.seed).
+        rows = np.sort(check_random_state(ARGS.seed).choice(len(Z), ARGS.hessian_samples,
+                                                            replace=False))
+        factor_data = Subset(Z, rows.tolist())
     result = {}
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -373,7 +415,7 @@ def worker_kronfluence(data):
         model = prepare_model(pretrain_model, ClassificationTask())
         analyzer = Analyzer("bench", model, ClassificationTask(), cpu=True, disable_tqdm=True,
                             output_dir=folder)
-        analyzer.fit_all_factors("ekfac", Z, per_device_batch_size=BATCH,
+        analyzer.fit_all_factors("ekfac", factor_data, per_device_batch_size=BATCH,
                                  factor_args=FactorArguments(strategy="ekfac"),
                                  overwrite_output_dir=True)
         result["factor_seconds"] = time.perf_counter() - start
@@ -385,7 +427,7 @@ def worker_kronfluence(data):
                                       aggregate_query_gradients=True),
             overwrite_output_dir=True)
         result["score_seconds"] = result["factor_seconds"] + time.perf_counter() - start
-        if not ARGS.skip_matrix:
+        if not ARGS.skip_matrix and not sampled:
             start = time.perf_counter()
             analyzer.compute_pairwise_scores(
                 "matrix", "ekfac", query_dataset=matrix_queries, train_dataset=Z,
@@ -411,7 +453,10 @@ def run_worker(name):
         "cg_float64": lambda: worker_cg(data, "float64"),
         "cg_float32": lambda: worker_cg(data, "float32"),
         "lowrank": lambda: worker_lowrank(data, ARGS.dtype),
+        "cg_budget": lambda: worker_cg_budget(data, None),
+        "pcg": lambda: worker_cg_budget(data, "ekfac"),
         "kronfluence": lambda: worker_kronfluence(data),
+        "kronfluence_sampled": lambda: worker_kronfluence(data, sampled=True),
     }
     kind = name.split("#")[0]
     # Every worker times its own training epoch just before its task, so that each
@@ -480,13 +525,13 @@ def main():
 
     runs = {}
     order = ["epoch#start", "ekfac"] + ([] if ARGS.sampled_only else ["ekfac_sampled"])
-    order += ["cg_float64"]
+    order += ["cg_budget", "pcg", "cg_float64"]
     if not ARGS.skip_precision:
         order += ["cg_float32", "ekfac_sampled_float64"]
     if not ARGS.skip_lowrank:
         order += ["lowrank"]
     if not ARGS.skip_kronfluence:
-        order += ["kronfluence"]
+        order += ["kronfluence", "kronfluence_sampled"]
     order += ["epoch#end"]
     for name in order:
         runs[name] = spawn(name)
@@ -532,6 +577,14 @@ def main():
                           + ek["matrix_scoring_seconds"])
         row(f"(b) same, factors on {ARGS.hessian_samples} of Z (its fit + the above)",
             sampled_matrix, "target <= 20", "ekfac")
+    for name, label in (("cg_budget", "Gauss-Newton CG"),
+                        ("pcg", "Gauss-Newton CG, EK-FAC preconditioner")):
+        run = results[name]
+        row(f"(a) {label} to residual {run['tol']:g}, head exact, on "
+            f"{ARGS.hessian_samples} of Z", run["seconds"],
+            f"fit {run['fit_seconds'] / own_epoch(name):.2f}; pretrain "
+            f"{run['solves']['pretrain']['n_iter']} iterations, residual "
+            f"{run['solves']['pretrain']['residual']:.2f}", name)
     cg = results["cg_float64"]
     row("Gauss-Newton CG reference, float64", cg["seconds"],
         f"tol {cg['tol']:g}; " + "; ".join(
@@ -548,6 +601,15 @@ def main():
             row(f"(d) kronfluence EK-FAC, {ARGS.n_matrix} queries x m", kr["matrix_seconds"],
                 f"ours (b)/theirs = {ek['matrix_seconds'] / kr['matrix_seconds']:.2f}x "
                 "(target <= 1.0x)", "kronfluence")
+    if "kronfluence_sampled" in results:
+        krs = results["kronfluence_sampled"]
+        row(f"(d) kronfluence EK-FAC, factors on the same {ARGS.hessian_samples} of Z",
+            krs["score_seconds"],
+            f"factors {krs['factor_seconds'] / epoch:.2f}; ours (a), factors on "
+            f"{ARGS.hessian_samples}/theirs = {eks['seconds'] / krs['score_seconds']:.2f}x; "
+            f"budgeted GN-CG/theirs = "
+            f"{results['cg_budget']['seconds'] / krs['score_seconds']:.2f}x",
+            "kronfluence_sampled")
     if "lowrank" in results:
         row(f"(g) low rank {ARGS.rank}, Gauss-Newton, factors on {ARGS.hessian_samples}",
             results["lowrank"]["seconds"], run="lowrank")
@@ -561,6 +623,8 @@ def main():
           "CG reference (float64)")
     comparisons = [(f"(c) EK-FAC, {full}", "ekfac"),
                    (f"(c) EK-FAC, factors on {ARGS.hessian_samples} of Z", "ekfac_sampled"),
+                   (f"(c) Gauss-Newton CG to residual {ARGS.budget_tol:g}", "cg_budget"),
+                   (f"(c) same, EK-FAC preconditioner", "pcg"),
                    ("(f) Gauss-Newton CG, float32 passes", "cg_float32"),
                    (f"(g) low rank {ARGS.rank}", "lowrank")]
     report = {}

@@ -272,7 +272,9 @@ class Objective:
         the model is that layer alone (or an ``nn.Sequential`` of it), else ``None``."""
         layer = self.module
         if isinstance(layer, torch.nn.Sequential) and len(layer) == 1:
-            prefix, layer = "0.", layer[0]
+            # The key of a sliced Sequential is the original position ("1" for model[1:]).
+            key, layer = next(iter(layer.named_children()))
+            prefix = key + "."
         else:
             prefix = ""
         if type(layer) is not torch.nn.Linear:

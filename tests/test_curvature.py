@@ -105,15 +105,16 @@ def test_directional_derivatives_equal_per_example_gradients(objective_and_data,
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("wrapped", [True, False])
+@pytest.mark.parametrize("wrapped", [False, "sequential", "sliced"])
 @pytest.mark.parametrize("curvature", ["hessian", "gauss_newton"])
 def test_dense_curvature_of_one_linear_layer_in_closed_form(loss, bias, wrapped, curvature):
-    """A lone ``nn.Linear`` (a Case 1 head on cached features) gets its dense curvature
-    from the closed form; it equals autograd's Hessian of the mean loss, and the products
-    with unit vectors (the general route)."""
+    """A lone ``nn.Linear`` (a Case 1 head on cached features, ``model[1:]``) gets its
+    dense curvature from the closed form; it equals autograd's Hessian of the mean loss,
+    and the products with unit vectors (the general route)."""
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(5, 3, bias=bias).double()
-    module = torch.nn.Sequential(layer) if wrapped else layer
+    module = {False: layer, "sequential": torch.nn.Sequential(layer),
+              "sliced": torch.nn.Sequential(torch.nn.Tanh(), layer)[1:]}[wrapped]
     inputs = torch.randn(23, 5, generator=gen, dtype=torch.float64)
     targets = (torch.randint(0, 3, (23,), generator=gen) if loss == "cross_entropy"
                else torch.randn(23, 3, generator=gen, dtype=torch.float64))
