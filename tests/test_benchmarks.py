@@ -49,9 +49,12 @@ def test_bench_cnn_runs_at_tiny_size(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ["training epoch", "(a) EK-FAC score end to end, factors on all of Z",
             "(b) (8, m) EK-FAC influence", "Gauss-Newton CG reference", "(c) EK-FAC",
+            "(a) Gauss-Newton CG to residual", "(a) Gauss-Newton CG, EK-FAC preconditioner",
+            "(c) same, EK-FAC preconditioner",
             "(g) low rank", "(e) Peak resident memory", "CUDA path not measured"]
     if _kronfluence_importable():
-        rows += ["(d) kronfluence EK-FAC, aggregated query", "(d) kronfluence EK-FAC, 8 queries"]
+        rows += ["(d) kronfluence EK-FAC, aggregated query", "(d) kronfluence EK-FAC, 8 queries",
+                 "(d) kronfluence EK-FAC, factors on the same"]
     for row in rows:
         assert row in result.stdout, (row, result.stdout)
     assert (tmp_path / "bench.json").is_file()
