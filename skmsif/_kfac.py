@@ -84,7 +84,14 @@ ELEMENT_BUDGET = 2 ** 24
 # --------------------------------------------------------------------------- loss factors
 
 def _cross_entropy_factor(outputs, targets):
-    """``L`` with ``L L^T = diag(p) - p p^T``, ``p = softmax(outputs)``: ``(n, C, C)``."""
+    """``L`` with ``L L^T = diag(p) - p p^T``, ``p = softmax(outputs)``: ``(n, C, C - 1)``.
+
+    ``M = diag(sqrt p) - p sqrt(p)^T`` has ``M M^T = diag(p) - p p^T`` and ``M sqrt(p) =
+    0``, so that Hessian has rank ``C - 1``: ``L = M Q``, with ``Q`` the ``C - 1`` columns
+    of the Householder reflection taking ``sqrt(p)`` to ``-e_k`` (``k`` its largest
+    entry) other than column ``k``, an orthonormal basis of the complement of
+    ``sqrt(p)``. One column fewer to backpropagate than ``M`` itself.
+    """
     del targets
     if outputs.ndim != 2:
         raise ValueError(
@@ -93,7 +100,20 @@ def _cross_entropy_factor(outputs, targets):
         )
     probabilities = torch.softmax(outputs.detach(), dim=1)
     root = probabilities.sqrt()
-    return torch.diag_embed(root) - probabilities[:, :, None] * root[:, None, :]
+    full = torch.diag_embed(root) - probabilities[:, :, None] * root[:, None, :]
+    n, classes = probabilities.shape
+    if classes < 2:
+        return full
+    rows = torch.arange(n, device=outputs.device)
+    largest = root.argmax(dim=1)
+    direction = root.clone()
+    direction[rows, largest] += 1.0            # w = sqrt(p) + e_k; w^T w = 2 + 2 sqrt(p_k)
+    # M H = M - 2 (M w) w^T / (w^T w), and M w = M e_k because M sqrt(p) = 0.
+    reflected = full - (2 * full[rows, :, largest])[:, :, None] * direction[:, None, :] / (
+        direction.square().sum(dim=1))[:, None, None]
+    keep = torch.ones(n, classes, dtype=torch.bool, device=outputs.device)
+    keep[rows, largest] = False
+    return reflected.transpose(1, 2)[keep].reshape(n, classes - 1, classes).transpose(1, 2)
 
 
 def _mse_factor(outputs, targets):

@@ -377,7 +377,9 @@ def test_callable_loss_factor_matches_named(loss):
     outputs = model(X).detach()
     named = loss_factor_for(loss)(outputs, y)
     generic = loss_factor_for(LOSSES[loss])(outputs, y)
-    assert generic.shape == named.shape == (10, 3, 3)
+    assert generic.shape == (10, 3, 3)
+    # Cross-entropy's Hessian has rank C - 1, and its named factor as many columns.
+    assert named.shape == ((10, 3, 2) if loss == "cross_entropy" else (10, 3, 3))
     assert torch.allclose(generic @ generic.mT, named @ named.mT, atol=1e-12)
     assert torch.allclose(named @ named.mT, _hessians(model, X, y, loss), atol=1e-12)
     for eigen_correction in (False, True):
@@ -671,3 +673,16 @@ def test_matches_kronfluence_ekfac_pairwise_scores(kind, loss, tmp_path):
     assert _relative(ours, theirs) < 1e-9, (ours, theirs)
     kfac = _our_scores(model, loss, X, y, X_query, y_query, damping, eigen_correction=False)
     assert _relative(kfac, theirs) > 1e-3
+
+
+def test_cross_entropy_factor_has_one_column_fewer_than_classes():
+    """The cross-entropy Hessian ``diag(p) - p p^T`` has rank ``C - 1``; its factor has
+    ``C - 1`` columns and reproduces it, saturated softmax included."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 6, generator=gen, dtype=torch.float64) * torch.tensor(
+        [0.1, 1.0, 10.0, 60.0], dtype=torch.float64).repeat_interleave(10)[:, None]
+    factor = loss_factor_for("cross_entropy")(logits, None)
+    assert factor.shape == (40, 6, 5)
+    p = torch.softmax(logits, dim=1)
+    hessians = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert torch.allclose(factor @ factor.mT, hessians, atol=1e-14)
