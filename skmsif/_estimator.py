@@ -127,9 +127,10 @@ class MultiStageInfluenceEstimator(BaseEstimator):
         products that takes. Measured (curvature guide): it helps where the Kronecker
         approximation is close, as on a linear Case 1 head (5 iterations instead of 18
         on the paper's CNN), and it did not on the pretrain stages of the paper's CNN (28
-        iterations instead of 17 to residual 0.1) and of a small BERT (residual 0.19
-        instead of 0.07 after 200), whose layers are coupled more than a
-        block-diagonal approximation can express. ``None``: plain iterations.
+        iterations instead of 17 to residual 0.1) and of a small BERT (after 200
+        iterations, residual 0.047 against 0.068 in Case 1, 0.23 against 0.014 in Case
+        2), whose layers are coupled more than a block-diagonal approximation can
+        express. ``None``: plain iterations.
     dtype : {"auto", "float64", "float32"}, default="auto"
         Precision of the passes over data: the models are evaluated on private copies in
         this dtype, and per-example gradients, forward-mode scoring, curvature products

@@ -286,7 +286,7 @@ def test_block_products_of_a_callable_loss_use_one_product_per_vector(monkeypatc
 
 @pytest.mark.parametrize("case", ["fixed", "updated"])
 @pytest.mark.parametrize("preconditioner", ["kfac", "ekfac"])
-def test_preconditioned_cg_converges_to_the_dense_reference_in_fewer_products(
+def test_preconditioned_cg_converges_to_the_dense_reference(
         case, preconditioner):
     problem = tiny_problem(case)
     expected = reference(case, *problem)
