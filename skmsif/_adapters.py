@@ -9,7 +9,8 @@ Accepted models:
 * a ``torch.nn.Module``: itself, no transform, no loss of its own;
 * a fitted skorch ``NeuralNet`` (``NeuralNetClassifier``, ``NeuralNetRegressor``,
   ``NeuralNetBinaryClassifier``, ...): its trained ``module_``, no transform, and a
-  per-example version of its ``criterion_`` (:class:`CriterionLoss`);
+  per-example version of its ``criterion_`` (:class:`CriterionLoss`; a plain
+  ``nn.CrossEntropyLoss`` is the named ``"cross_entropy"``);
 * a fitted scikit-learn ``Pipeline`` whose last step is such a net: the net's module and
   loss, and the steps before the net as the transform.
 
@@ -119,7 +120,17 @@ def _net_loss(net, name):
     skorch = sys.modules["skorch"]
     log_probabilities = (isinstance(net, skorch.NeuralNetClassifier)
                          and isinstance(criterion, torch.nn.NLLLoss))
+    if _is_plain_cross_entropy(criterion):
+        # The named loss (the same function): its closed forms (Gauss-Newton factor,
+        # a linear head's dense curvature) then apply to the net too.
+        return "cross_entropy"
     return CriterionLoss(criterion, log_probabilities)
+
+
+def _is_plain_cross_entropy(criterion):
+    """``nn.CrossEntropyLoss`` with its defaults: ``F.cross_entropy`` per example."""
+    return (type(criterion) is torch.nn.CrossEntropyLoss and criterion.weight is None
+            and criterion.ignore_index == -100 and criterion.label_smoothing == 0.0)
 
 
 def _unwrap_net(net, name):

@@ -97,10 +97,7 @@ def test_skorch_nets_give_the_influence_of_their_modules(skorch, case):
 
     expected = _estimator(case).fit(pretrain, finetune, Z, X).influence(x_test)
     got = _estimator(case).fit(pretrain_net, finetune_net, Z, X).influence(x_test)
-    # The net brings its criterion (a callable loss); the bare module gets the named
-    # "cross_entropy", whose Case 1 linear head takes the closed-form dense curvature:
-    # the same numbers up to rounding.
-    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-14)
+    np.testing.assert_array_equal(got, expected)
     # A net and a plain module can be mixed.
     mixed = _estimator(case).fit(pretrain_net, finetune, Z, X).influence(x_test)
     np.testing.assert_array_equal(mixed, expected)
@@ -126,13 +123,10 @@ def test_pipeline_ending_in_a_net_applies_its_preprocessing(skorch):
         pretrain, finetune, scaled(Z, pretrain_pipe), scaled(X, finetune_pipe)
     ).influence(scaled(x_test, finetune_pipe))
     estimator = _estimator("fixed").fit(pretrain_pipe, finetune_pipe, Z, X)
-    # The nets' criterion is a callable loss, the reference's the named one (closed-form
-    # head curvature): equal up to rounding.
-    got = estimator.influence(x_test)
-    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-14)
+    np.testing.assert_array_equal(estimator.influence(x_test), expected)
     # Tensors are accepted as Pipeline inputs too.
     as_tensors = (torch.from_numpy(x_test[0]), torch.from_numpy(x_test[1]))
-    np.testing.assert_array_equal(estimator.influence(as_tensors), got)
+    np.testing.assert_array_equal(estimator.influence(as_tensors), expected)
 
 
 def test_default_nll_criterion_takes_the_log_of_probabilities(skorch):
@@ -235,3 +229,15 @@ def test_skorch_errors(skorch):
         return nnf.cross_entropy(outputs, targets, reduction="none")
 
     _estimator("fixed", finetune_loss=per_example).fit(pretrain, custom, Z, X)
+
+
+def test_a_plain_cross_entropy_criterion_is_the_named_loss(skorch):
+    """A net's default ``nn.CrossEntropyLoss`` is the named loss (its closed forms apply);
+    a weighted or smoothed one stays the net's own criterion."""
+    pretrain, _ = _modules("fixed")
+    plain = _classifier(skorch, pretrain).initialize()
+    assert unwrap_model(plain, "pretrain_model")[2] == "cross_entropy"
+    for params in ({"criterion__weight": torch.tensor([1.0, 2.0, 3.0])},
+                   {"criterion__label_smoothing": 0.1}):
+        net = _classifier(skorch, pretrain, **params).initialize()
+        assert isinstance(unwrap_model(net, "pretrain_model")[2], CriterionLoss), params
