@@ -127,16 +127,14 @@ def _parse(argv=None):
 
 
 ARGS = _parse()
-for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
+from _threads import pin_threads  # noqa: E402
+
+pin_threads(ARGS.threads)  # before numpy, scipy and torch load
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
-threadpool_limits(ARGS.threads)
 
 WORK = Path(ARGS.cache_dir) / (
     f"m{ARGS.m}-n{ARGS.n_finetune}-t{ARGS.n_test}-e{ARGS.pretrain_epochs}"

@@ -22,7 +22,6 @@ Threads are pinned (torch and BLAS) to ``--threads`` (default 1).
 """
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -54,19 +53,16 @@ def _parse(argv=None):
 
 
 ARGS = _parse()
-for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
+from _threads import pin_threads  # noqa: E402
+
+pin_threads(ARGS.threads)  # before numpy, scipy and torch load
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from paper.text import make_problem  # noqa: E402
 from skmsif import MultiStageInfluenceEstimator  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
-threadpool_limits(ARGS.threads)
 
 
 def run(problem, preconditioner):

@@ -45,7 +45,6 @@ Threads: torch and BLAS pinned to ``--threads`` (default 1); entries and retrain
 import argparse
 import copy
 import functools
-import os
 import time
 import warnings
 
@@ -73,8 +72,9 @@ def _parse():
 
 
 ARGS = _parse()
-for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
+from _threads import pin_threads  # noqa: E402
+
+pin_threads(ARGS.threads)  # before numpy, scipy and torch load
 
 import joblib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,7 +86,6 @@ from skmsif import MultiStageInfluenceEstimator  # noqa: E402
 from skmsif.datasets import load_digits_split  # noqa: E402
 from skmsif.validation import audit_indices, faithfulness, leave_one_out  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
 TOL = 1e-11  # every training: largest gradient entry at the end
 
 

@@ -29,7 +29,6 @@ The CNN and its Adam training come from the paper reproduction (``paper/models.p
 """
 
 import argparse
-import os
 import resource
 import sys
 import time
@@ -53,20 +52,18 @@ def _parse():
 
 
 ARGS = _parse()
-for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
+from _threads import pin_threads  # noqa: E402
+
+pin_threads(ARGS.threads)  # before numpy, scipy and torch load
 
 import torch  # noqa: E402
 from scipy.stats import pearsonr  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from paper.models import make_mnist_cnn  # noqa: E402
 from paper.training import fit_adam  # noqa: E402
 from skmsif import MultiStageInfluenceEstimator  # noqa: E402
 from skmsif.datasets import fashion_mnist_available, fashion_mnist_split  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
-threadpool_limits(ARGS.threads)
 
 SIZES = {
     # n_pretrain (None: all 24,000), n_finetune, n_test for (c), n_test for (d),

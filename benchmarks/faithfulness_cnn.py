@@ -114,15 +114,15 @@ def _parse(argv=None):
 
 
 ARGS = _parse()
-for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
+from _threads import pin_threads  # noqa: E402
+
+pin_threads(ARGS.threads)  # before numpy, scipy and torch load
 
 import copy  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from paper.models import make_mnist_cnn  # noqa: E402
 from paper.training import accuracy, fit_adam, fit_lbfgs  # noqa: E402
@@ -130,8 +130,6 @@ from skmsif import MultiStageInfluenceEstimator  # noqa: E402
 from skmsif.datasets import fashion_mnist_available, fashion_mnist_split  # noqa: E402
 from skmsif.validation import leave_one_out  # noqa: E402
 
-torch.set_num_threads(ARGS.threads)
-threadpool_limits(ARGS.threads)
 BATCH = 128  # training minibatch and the estimator's batch size
 
 
