@@ -310,53 +310,39 @@ def worker_ekfac(data, dtype, hessian_samples, matrix):
     return result, scores
 
 
-def worker_cg(data, dtype):
+def fit_and_score(data, **params):
+    """Fit ``estimator(**params)`` and score the test set: timings, solves, scores."""
     import warnings
 
     pretrain_model, finetune_model = load_models()
-    tol = ARGS.tol if dtype == "float64" else 1e-5
-    est = estimator(hessian="cg", curvature="gauss_newton", iterative_solver="cg",
-                    dtype=dtype, hessian_samples=ARGS.hessian_samples, tol=tol)
+    est = estimator(hessian_samples=ARGS.hessian_samples, **params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # residuals are reported
-        start = time.perf_counter()
-        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
-        scores = est.score(data["x_test"])
-    return {"seconds": time.perf_counter() - start, "tol": tol,
-            "solves": histories(est)}, scores
-
-
-def worker_cg_budget(data, preconditioner):
-    """Gauss-Newton CG to ``--budget-tol`` on the pretrain stage, the head exact."""
-    import warnings
-
-    pretrain_model, finetune_model = load_models()
-    est = estimator(hessian="cg", finetune_hessian="exact", curvature="gauss_newton",
-                    iterative_solver="cg", dtype=ARGS.dtype, tol=ARGS.budget_tol,
-                    hessian_samples=ARGS.hessian_samples, preconditioner=preconditioner)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
         start = time.perf_counter()
         est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
         fit_seconds = time.perf_counter() - start
         scores = est.score(data["x_test"])
     return {"seconds": time.perf_counter() - start, "fit_seconds": fit_seconds,
-            "tol": ARGS.budget_tol, "solves": histories(est)}, scores
+            "tol": params.get("tol"), "solves": histories(est)}, scores
+
+
+def worker_cg(data, dtype):
+    return fit_and_score(data, hessian="cg", curvature="gauss_newton",
+                         iterative_solver="cg", dtype=dtype,
+                         tol=ARGS.tol if dtype == "float64" else 1e-5)
+
+
+def worker_cg_budget(data, preconditioner):
+    """Gauss-Newton CG to ``--budget-tol`` on the pretrain stage, the head exact."""
+    return fit_and_score(data, hessian="cg", finetune_hessian="exact",
+                         curvature="gauss_newton", iterative_solver="cg", dtype=ARGS.dtype,
+                         tol=ARGS.budget_tol, preconditioner=preconditioner)
 
 
 def worker_lowrank(data, dtype):
-    import warnings
-
-    pretrain_model, finetune_model = load_models()
-    est = estimator(hessian="lowrank", finetune_hessian="cg", curvature="gauss_newton",
-                    iterative_solver="cg", rank=ARGS.rank, dtype=dtype,
-                    hessian_samples=ARGS.hessian_samples, tol=1e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        est.fit(pretrain_model, finetune_model, data["Z"], data["X"])
-        scores = est.score(data["x_test"])
-    return {"seconds": time.perf_counter() - start, "solves": histories(est)}, scores
+    return fit_and_score(data, hessian="lowrank", finetune_hessian="cg",
+                         curvature="gauss_newton", iterative_solver="cg", rank=ARGS.rank,
+                         dtype=dtype, tol=1e-5)
 
 
 def worker_kronfluence(data, sampled=False):
